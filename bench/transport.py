@@ -1,0 +1,133 @@
+"""Wire bytes per client per round: full fp32 state dict vs trainable-only fp32 vs bf16.
+
+The older zk0 design shipped every parameter and buffer of the policy in fp32, both ways,
+every round. zk0 now ships only the trainable tensors, in bf16 by default. This benchmark
+builds the real smolvla_base architecture (SmolVLM2-500M backbone, no weights, on the
+meta device) and counts the bytes each scheme puts on the wire, using zk0's own codec.
+
+Run: ``HF_HUB_OFFLINE=1 python bench/transport.py``. The last line is
+``bf16_vs_full_fp32=<ratio>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+try:
+    from zk0 import tiny, transport
+except ImportError:  # package not installed: use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from zk0 import tiny, transport
+
+MIB = 2**20
+IMAGE_SIZE = 512
+PATCH_SIZE = 16
+SCALE_FACTOR = 4
+VOCAB_SIZE = 49280  # SmolVLM2-500M's vocabulary, whatever the size of the local tokenizer
+TEXT = {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+        "num_attention_heads": 15, "num_key_value_heads": 5, "head_dim": 64, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
+        "tie_word_embeddings": False, "max_position_embeddings": 8192}
+VISION = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+          "num_attention_heads": 12, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def write_vlm_folder(folder: Path) -> None:
+    """Write a SmolVLM2-500M-sized config plus a small processor/tokenizer into ``folder``."""
+    from transformers import (LlamaConfig, SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor,
+                              SmolVLMVideoProcessor)
+    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+
+    tokenizer = tiny._train_tokenizer()
+    text = LlamaConfig(vocab_size=VOCAB_SIZE, pad_token_id=tokenizer.pad_token_id, **TEXT)
+    config = SmolVLMConfig(
+        text_config=text.to_dict(), vision_config=SmolVLMVisionConfig(**VISION).to_dict(),
+        scale_factor=SCALE_FACTOR,
+        image_token_id=tokenizer.convert_tokens_to_ids(tiny.SPECIAL_TOKENS["image_token"]))
+    image_processor = SmolVLMImageProcessor(
+        do_resize=True, size={"longest_edge": IMAGE_SIZE}, do_image_splitting=False,
+        max_image_size={"longest_edge": IMAGE_SIZE})
+    seq_len = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
+    processor = SmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=SmolVLMVideoProcessor(), image_seq_len=seq_len)
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def build_policy(vlm_folder: Path) -> torch.nn.Module:
+    """smolvla_base's architecture with default freezing, on the meta device (no memory)."""
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    camera = PolicyFeature(type=FeatureType.VISUAL, shape=(3, IMAGE_SIZE, IMAGE_SIZE))
+    config = SmolVLAConfig(
+        vlm_model_name=str(vlm_folder.resolve()), load_vlm_weights=False, device="cpu",
+        input_features={"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(6,)),
+                        "observation.images.front": camera, "observation.images.wrist": camera},
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(6,))})
+    # lerobot prints progress ("Reducing the number of VLM layers ...") to stdout: keep it off the report.
+    with torch.device("meta"), contextlib.redirect_stdout(sys.stderr):
+        return SmolVLAPolicy(config)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    """Number of values in a tensor of ``shape``."""
+    return torch.Size(shape).numel()
+
+
+def wire_bytes(shapes: Shapes, dtype: str) -> int:
+    """Bytes zk0's codec puts on the wire for zero tensors of these shapes, in ``dtype``.
+
+    Meta tensors have no data, so each is materialized as zeros (values do not change the
+    size). ``nbytes`` sums each Array's serialized buffer: the raw data plus its .npy header
+    (128 bytes per array here), so it adds up over tensors. Encoding one tensor at a time
+    gives the exact total, headers included, for the full fp32 state dict too, while holding
+    at most one tensor (the 189 MB embedding matrix) in memory.
+    """
+    return sum(transport.nbytes(transport.encode({name: torch.zeros(shape)}, dtype))
+               for name, shape in shapes.items())
+
+
+def report(payloads: Mapping[str, int]) -> None:
+    """Print MiB per direction, per client per round (down + up) and the ratio to row (a)."""
+    base = payloads["a"]
+    labels = {"a": "full state dict, fp32", "b": "trainable only, fp32", "c": "trainable only, bf16"}
+    print(f"{'':2} {'payload':24} {'MiB/direction':>14} {'MiB/client/round':>17} {'vs a':>7}")
+    for key, size in payloads.items():
+        print(f"{key:2} {labels[key]:24} {size / MIB:14.1f} {2 * size / MIB:17.1f} {size / base:7.4f}")
+    print(f"trainable_fp32_vs_full_fp32={payloads['b'] / base:.4f}")
+    print(f"bf16_vs_full_fp32={payloads['c'] / base:.4f}")
+
+
+def main() -> None:
+    """Build the policy, count the three payloads and print the report."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="zk0-bench-vlm-") as tmp:
+        write_vlm_folder(Path(tmp))
+        policy = build_policy(Path(tmp))
+    params = list(policy.named_parameters())
+    total = sum(p.numel() for _, p in params)
+    trainable = {name: tuple(p.shape) for name, p in params if p.requires_grad}
+    # (a): every parameter and persistent buffer, as the older design's state_dict round-trip
+    # (SmolVLA's only buffers, the rotary inv_freq tables, are non-persistent: 500 parameters).
+    full = {name: tuple(t.shape) for name, t in policy.state_dict().items()}
+    print(f"parameters: total={total / 1e6:.1f}M trainable={sum(map(_numel, trainable.values())) / 1e6:.1f}M "
+          f"(state dict: {len(full)} tensors, {sum(map(_numel, full.values())) / 1e6:.1f}M values; "
+          f"trainable: {len(trainable)} tensors)")
+    payloads = {"a": wire_bytes(full, "fp32"), "b": wire_bytes(trainable, "fp32"),
+                "c": wire_bytes(trainable, "bf16")}
+    report(payloads)
+
+
+if __name__ == "__main__":
+    main()

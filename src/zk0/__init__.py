@@ -1,0 +1,1 @@
+"""zk0: federated learning of SmolVLA robot policies with Flower and LeRobot."""

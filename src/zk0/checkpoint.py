@@ -1,0 +1,115 @@
+"""The run folder and its checkpoints: LeRobot pretrained-policy folders with a model card.
+
+``outputs/<run-id>/`` holds ``config.json``, ``metrics.jsonl``, ``charts/`` and
+``checkpoints/round_<N>/``. A checkpoint folder loads with
+``SmolVLAPolicy.from_pretrained(dir)`` and LeRobot's processor loaders, and its
+``README.md`` shows the metrics of that very round (it is written after evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from lerobot.policies.factory import make_pre_post_processors
+
+from zk0.config import RunConfig
+from zk0.registry import Registry
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths of one run's outputs."""
+
+    root: Path
+
+    @classmethod
+    def create(cls, output_dir: str, strategy: str, run_id: int) -> RunFolder:
+        """A new, empty run folder ``<output_dir>/<timestamp>-<strategy>-<run id>``."""
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{strategy}-{run_id % 1_000_000:06d}"
+        root = Path(output_dir).expanduser().resolve() / name
+        root.mkdir(parents=True, exist_ok=False)
+        return cls(root)
+
+    def checkpoint(self, server_round: int) -> Path:
+        return self.root / "checkpoints" / f"round_{server_round}"
+
+    def write_config(self, cfg: RunConfig, registry: Registry, fingerprint: str) -> None:
+        """``config.json``: the resolved run config, registry profile and software versions."""
+        doc = {"run-config": cfg.to_run_config(), "datasets": _registry_doc(registry),
+               "base-fingerprint": fingerprint, "versions": versions()}
+        (self.root / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide whether a run can be reproduced."""
+    out = {"python": platform.python_version()}
+    for pkg in ("zk0", "lerobot", "flwr", "torch", "transformers"):
+        out[pkg] = version(pkg)
+    return out
+
+
+def _registry_doc(registry: Registry) -> dict:
+    return {"profile": registry.profile,
+            "clients": [{"uri": e.uri, "cameras": e.cameras} for e in registry.clients],
+            "server-eval": [{"uri": e.uri, "cameras": e.cameras} for e in registry.server_eval]}
+
+
+def save_checkpoint(folder: Path, policy, stats: dict[str, dict[str, torch.Tensor]], card: str) -> Path:
+    """Write policy, pre/post processors (with the federation's stats) and the model card."""
+    folder.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(folder)
+    preprocessor, postprocessor = make_pre_post_processors(policy.config, dataset_stats=stats)
+    preprocessor.save_pretrained(folder)
+    postprocessor.save_pretrained(folder)
+    (folder / "README.md").write_text(card)
+    return folder
+
+
+def model_card(cfg: RunConfig, registry: Registry, server_round: int, metrics: dict[str, float],
+               fingerprint: str) -> str:
+    """A Hugging Face model card for the checkpoint of ``server_round``."""
+    hyper = "\n".join(f"| `{k}` | `{v}` |" for k, v in cfg.to_run_config().items())
+    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items()))
+    clients = "\n".join(f"- `{e.uri}`" for e in registry.clients)
+    evals = "\n".join(f"- `{e.uri}`" for e in registry.server_eval) or "- none"
+    return f"""---
+library_name: lerobot
+pipeline_tag: robotics
+tags: [smolvla, federated-learning, flower, zk0, so101]
+---
+# zk0 federated SmolVLA — round {server_round} of {cfg.num_server_rounds}
+
+SmolVLA policy trained with zk0 (Flower {version('flwr')}, LeRobot {version('lerobot')})
+using **{cfg.strategy}** (proximal mu {cfg.effective_mu}) across {len(registry.clients)} clients.
+Base model: `{cfg.model_name}`; frozen-base fingerprint `{fingerprint[:16]}`.
+Normalisation statistics: pooled (count-weighted) from the clients' training episodes.
+
+## Metrics at round {server_round}
+| metric | value |
+|---|---|
+{rows}
+
+## Datasets
+Client training sets (registry profile `{registry.profile}`), held-out episodes excluded:
+{clients}
+
+Server evaluation sets (unseen tasks):
+{evals}
+
+## Hyperparameters
+| key | value |
+|---|---|
+{hyper}
+
+## Use
+```python
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+policy = SmolVLAPolicy.from_pretrained("<this folder>")
+```
+"""

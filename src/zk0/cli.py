@@ -1,0 +1,99 @@
+"""The ``zk0`` command line."""
+
+from __future__ import annotations
+
+import logging
+import random
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Federated SmolVLA training across private SO-100/SO-101 datasets (Flower + LeRobot).")
+
+RunConfigOpt = Annotated[list[str] | None, typer.Option(
+    "--run-config", "-c", help="Run-config overrides: 'key=value key2=value2' (TOML values; bare words are strings).")]
+
+
+@app.callback()
+def _root() -> None:
+    """zk0: federated SmolVLA training (run `zk0 COMMAND --help`)."""
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["num-server-rounds=5 strategy=fedavg"]`` -> ``{"num-server-rounds": 5, "strategy": "fedavg"}``."""
+    import shlex
+
+    out = {}
+    for token in shlex.split(" ".join(items or [])):
+        key, sep, value = token.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{token!r} is not key=value", param_hint="--run-config")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value  # a bare word: a string such as strategy=fedavg
+    return out
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def simulate(
+    run_config: RunConfigOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder that receives the run folder.")] = Path("outputs"),
+    num_clients: Annotated[int | None, typer.Option(
+        "--num-clients", "-n", help="Simulated SuperNodes (default: the clients of the registry profile).")] = None,
+) -> None:
+    """Run a federated simulation on Flower's simulation engine (Ray), as `flwr run .` does."""
+    from zk0.config import ConfigError, RunConfig
+    from zk0.data import DatasetError, locate
+    from zk0.registry import RegistryError, default_pyproject, load_registry
+
+    app_dir = default_pyproject().parent
+    overrides = parse_overrides(run_config) | {"output-dir": str(output.expanduser().resolve())}
+    try:
+        from flwr.common.config import get_fused_config_from_dir
+
+        fused = get_fused_config_from_dir(app_dir, overrides)
+        cfg = RunConfig.from_run_config(fused)
+        registry = load_registry(cfg.datasets)
+        for entry in (*registry.clients, *registry.server_eval):
+            locate(entry)  # generate embedded datasets once, before clients start
+    except (ConfigError, RegistryError, DatasetError) as err:
+        _fail(err)
+    n = num_clients or len(registry.clients)
+    if n > len(registry.clients):
+        _fail(RegistryError(f"--num-clients {n} exceeds the {len(registry.clients)} clients of profile {cfg.datasets!r}"))
+    before = set(Path(cfg.output_dir).glob("*")) if Path(cfg.output_dir).exists() else set()
+    _run_simulation(app_dir, fused, n)
+    created = sorted(set(Path(cfg.output_dir).glob("*")) - before)
+    if created:
+        typer.secho(f"run folder: {created[-1]}", fg=typer.colors.GREEN)
+
+
+def _run_simulation(app_dir: Path, run_config: dict, num_supernodes: int) -> None:
+    """Flower's simulation runtime, as the SuperLink's simulation process invokes it for `flwr run`."""
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.telemetry import EventType
+    from flwr.simulation.run_simulation import _run_simulation as run
+
+    logging.getLogger("flwr").propagate = False  # LeRobot configures the root logger: avoid every line twice
+
+    context = Context(run_id=random.getrandbits(63), node_id=0, node_config={}, state=RecordDict(),
+                      run_config=run_config)
+    backend = {"init_args": {"include_dashboard": False, "_node_ip_address": "127.0.0.1"},
+               "client_resources": {"num_cpus": 2, "num_gpus": 0.0}}
+    run(num_supernodes=num_supernodes, server_app_attr="zk0.server_app:app", client_app_attr="zk0.client_app:app",
+        backend_config=backend, app_dir=str(app_dir), server_app_context=context, is_app=True,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)
+
+
+def main() -> None:
+    """Entry point for ``python -m zk0``."""
+    app()

@@ -1,0 +1,132 @@
+"""ClientApp: local training and held-out evaluation on one robot owner's dataset.
+
+The policy, its processors and the data loader stay resident in the process between
+rounds (keyed by run and node), so a round costs training, not start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from lerobot.policies.factory import make_pre_post_processors
+
+from zk0 import transport
+from zk0.config import RunConfig
+from zk0.data import DatasetSplit, batches, decode_stats, encode_stats, eval_batches, open_split, vector_stats
+from zk0.evaluate import evaluate_policy
+from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_shapes, trainable_state
+from zk0.registry import DatasetEntry, load_registry
+from zk0.strategy import payload_config
+from zk0.train import train_steps
+
+app = ClientApp()
+
+
+@dataclass
+class ClientRuntime:
+    """Everything a client keeps between rounds."""
+
+    cfg: RunConfig
+    partition_id: int
+    policy: torch.nn.Module
+    split: DatasetSplit
+    fingerprint: str
+    shapes: dict[str, tuple[int, ...]]
+    stream: object
+    processors: dict[str, tuple] = field(default_factory=dict)
+
+    def pre_post(self, norm_stats: str) -> tuple:
+        """Pre/post processors for the federation's normalisation stats (built once per stats)."""
+        key = hashlib.sha256(norm_stats.encode()).hexdigest()
+        if key not in self.processors:
+            self.processors.clear()
+            self.processors[key] = make_pre_post_processors(self.policy.config, dataset_stats=decode_stats(norm_stats))
+        return self.processors[key]
+
+
+_RUNTIMES: dict[tuple[int, int], ClientRuntime] = {}
+
+
+def dataset_entry(cfg: RunConfig, context: Context) -> tuple[int, DatasetEntry]:
+    """This node's dataset: node config ``dataset`` (deployment) or the registry by partition id."""
+    node_config = context.node_config
+    if "dataset" in node_config:
+        return int(node_config.get("partition-id", -1)), DatasetEntry(uri=str(node_config["dataset"]))
+    partition_id = int(node_config["partition-id"])
+    return partition_id, load_registry(cfg.datasets).client(partition_id)
+
+
+def runtime(context: Context) -> ClientRuntime:
+    """The resident runtime of this node and run, built on its first message."""
+    key = (context.run_id, context.node_id)
+    if key not in _RUNTIMES:
+        cfg = RunConfig.from_run_config(context.run_config)
+        partition_id, entry = dataset_entry(cfg, context)
+        policy = build_policy(cfg)
+        split = open_split(entry, policy.config, cfg.held_out_fraction, cfg.split_seed)
+        stream = batches(split.train, cfg.batch_size, cfg.seed + max(partition_id, 0), entry.cameras, cfg.num_workers)
+        _RUNTIMES[key] = ClientRuntime(cfg, partition_id, policy, split, base_fingerprint(policy),
+                                       trainable_shapes(policy), stream)
+    return _RUNTIMES[key]
+
+
+def receive_global(rt: ClientRuntime, msg: Message) -> tuple[dict[str, torch.Tensor], ConfigRecord]:
+    """Verify the server's payload against its digest and our base, then load it into the policy."""
+    config, arrays = msg.content["config"], msg.content["arrays"]
+    if config["base-fingerprint"] != rt.fingerprint:
+        raise transport.PayloadError("the server's frozen base differs from this client's: check model-name and seed")
+    if config["transport-dtype"] != rt.cfg.transport_dtype:
+        raise transport.PayloadError(f"server sent {config['transport-dtype']}, client expects {rt.cfg.transport_dtype}")
+    transport.check(arrays, str(config["payload-digest"]), rt.shapes)
+    weights = transport.decode(arrays, rt.cfg.transport_dtype)
+    load_trainable(rt.policy, weights)
+    return weights, config
+
+
+def about(rt: ClientRuntime) -> dict[str, int | str]:
+    """Who answered: partition and dataset (for the run's metrics)."""
+    return {"partition-id": rt.partition_id, "dataset": rt.split.entry.name}
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report normalisation statistics of the training episodes (pooled by the server)."""
+    rt = runtime(context)
+    stats = encode_stats(vector_stats(rt.split.train))
+    return Message(RecordDict({"stats": ConfigRecord({"norm-stats": stats, **about(rt)}),
+                               "metrics": MetricRecord({"num-examples": len(rt.split.train)})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train from the received global tensors and reply with the verified update."""
+    rt = runtime(context)
+    weights, config = receive_global(rt, msg)
+    pre, _ = rt.pre_post(str(config["norm-stats"]))
+    result = train_steps(rt.policy, pre, rt.stream, steps=rt.cfg.local_steps, lr=float(config["lr"]),
+                         mu=float(config["proximal-mu"]), grad_clip_norm=rt.cfg.grad_clip_norm)
+    update = {n: p.detach().cpu().float() - weights[n] for n, p in trainable_state(rt.policy).items()}
+    arrays = transport.encode(update, rt.cfg.transport_dtype)
+    metrics = MetricRecord({"train-loss": result.loss, "proximal": result.proximal, "grad-norm": result.grad_norm,
+                            "steps": result.steps, "lr": float(config["lr"]), "num-examples": result.frames})
+    payload = ConfigRecord({**payload_config(arrays, rt.fingerprint, rt.cfg.transport_dtype), **about(rt)})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics, "payload": payload}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this client's held-out episodes."""
+    rt = runtime(context)
+    _, config = receive_global(rt, msg)
+    pre, post = rt.pre_post(str(config["norm-stats"]))
+    split = rt.split
+    result = evaluate_policy(rt.policy, pre, post,
+                             eval_batches(split.held_out, rt.cfg.batch_size, rt.cfg.eval_batches, split.entry.cameras),
+                             seed=rt.cfg.seed)
+    metrics = MetricRecord({"eval-loss": result["loss"], "eval-action-mae": result["action_mae"],
+                            "num-examples": int(result["frames"])})
+    return Message(RecordDict({"metrics": metrics, "payload": ConfigRecord(about(rt))}), reply_to=msg)

@@ -1,0 +1,185 @@
+"""Open LeRobotDatasets, check them against the policy, split them by episode, load batches.
+
+Held-out episodes are whole episodes chosen by a seeded permutation, so no frame of a
+training episode is ever evaluated on. Normalisation statistics are computed from the
+training episodes only (never the held-out ones).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from lerobot.datasets.compute_stats import aggregate_stats, get_feature_stats
+from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+
+from zk0 import synthetic, tiny
+from zk0.policy import POLICY_FPS
+from zk0.registry import DatasetEntry
+
+STATE, ACTION = "observation.state", "action"
+EMBEDDED_EPISODES, EMBEDDED_FRAMES, EMBEDDED_VERSION = 10, 60, 1
+
+
+class DatasetError(RuntimeError):
+    """A dataset that cannot be opened or does not fit the policy; the message names it and the fix."""
+
+
+@dataclass
+class DatasetSplit:
+    """A dataset opened for federated training: train and held-out episodes of one source."""
+
+    entry: DatasetEntry
+    meta: LeRobotDatasetMetadata
+    train: LeRobotDataset
+    held_out: LeRobotDataset
+
+    @property
+    def train_episodes(self) -> list[int]:
+        return list(self.train.episodes)
+
+    @property
+    def held_out_episodes(self) -> list[int]:
+        return list(self.held_out.episodes)
+
+
+def locate(entry: DatasetEntry) -> tuple[str, Path | None]:
+    """Repo id and local root of an entry; embedded datasets are generated on first use."""
+    if entry.scheme == "embedded":
+        task = synthetic.TASKS.get(entry.target)
+        if task is None:
+            raise DatasetError(f"dataset {entry.uri!r}: unknown embedded task; known: {', '.join(synthetic.TASKS)}")
+        root = tiny.cache_root() / "datasets" / f"{task.name}-v{EMBEDDED_VERSION}"
+        if not (root / "meta" / "info.json").exists():
+            synthetic.generate(task, root, EMBEDDED_EPISODES, EMBEDDED_FRAMES, tiny.IMAGE_SIZE,
+                               seed=sorted(synthetic.TASKS).index(task.name))
+        return f"zk0/{task.name}", root
+    if entry.scheme == "local":
+        root = Path(entry.target).expanduser()
+        if not (root / "meta" / "info.json").is_file():
+            raise DatasetError(f"dataset {entry.uri!r}: {root} is not a LeRobotDataset folder (no meta/info.json)")
+        return f"local/{root.name}", root
+    return entry.target, None
+
+
+def open_metadata(entry: DatasetEntry) -> LeRobotDatasetMetadata:
+    """Dataset metadata, failing with one line when a hub dataset is unreachable."""
+    repo_id, root = locate(entry)
+    try:
+        return LeRobotDatasetMetadata(repo_id, root=root)
+    except Exception as err:  # hub, filesystem and format errors all surface here
+        hint = ("the Hugging Face hub is unreachable or HF_HUB_OFFLINE is set; download it on a connected "
+                "machine and register it as local:/path") if entry.scheme == "hf" else "check the folder"
+        raise DatasetError(f"dataset {entry.uri!r} could not be opened ({type(err).__name__}): {hint}") from None
+
+
+def schema_mismatches(meta: LeRobotDatasetMetadata, policy_cfg: SmolVLAConfig, cameras: dict[str, str]) -> list[str]:
+    """Every way the dataset differs from what the policy expects (empty when it fits)."""
+    problems = []
+    feats = {cameras.get(k, k): v for k, v in meta.features.items()}
+    for key, expected in ((STATE, policy_cfg.robot_state_feature), (ACTION, policy_cfg.action_feature)):
+        if key not in feats:
+            problems.append(f"missing feature {key!r}")
+        elif tuple(feats[key]["shape"]) != tuple(expected.shape):
+            problems.append(f"{key} has shape {tuple(feats[key]['shape'])}, policy expects {tuple(expected.shape)}")
+    have = sorted(k for k, v in feats.items() if v["dtype"] in ("video", "image"))
+    for cam in sorted(policy_cfg.image_features):
+        if cam not in have:
+            problems.append(f"camera {cam!r} missing (dataset cameras: {have}); map one in the registry entry "
+                            f"with cameras = {{\"<dataset key>\" = \"{cam}\"}}")
+    if meta.fps != POLICY_FPS:
+        problems.append(f"fps is {meta.fps}, policy expects {POLICY_FPS}")
+    return problems
+
+
+def check_schema(entry: DatasetEntry, meta: LeRobotDatasetMetadata, policy_cfg: SmolVLAConfig) -> None:
+    """Raise :class:`DatasetError` naming every mismatch between dataset and policy."""
+    problems = schema_mismatches(meta, policy_cfg, entry.cameras)
+    if problems:
+        raise DatasetError(f"dataset {entry.uri!r} does not match the policy: " + "; ".join(problems))
+
+
+def split_episodes(num_episodes: int, held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train / held-out split of episode indices (at least one episode on each side)."""
+    if num_episodes < 2:
+        raise DatasetError(f"a dataset needs at least 2 episodes to split train/held-out, it has {num_episodes}")
+    order = np.random.default_rng(seed).permutation(num_episodes).tolist()
+    n_held = min(num_episodes - 1, max(1, math.ceil(held_out_fraction * num_episodes)))
+    return sorted(order[n_held:]), sorted(order[:n_held])
+
+
+def open_split(entry: DatasetEntry, policy_cfg: SmolVLAConfig, held_out_fraction: float, seed: int) -> DatasetSplit:
+    """Open ``entry``, check it against the policy and split it by episode."""
+    meta = open_metadata(entry)
+    check_schema(entry, meta, policy_cfg)
+    train_eps, held_eps = split_episodes(meta.total_episodes, held_out_fraction, seed)
+    repo_id, root = locate(entry)
+    delta = {ACTION: [i / meta.fps for i in range(policy_cfg.chunk_size)]}
+    kwargs = {"root": root, "delta_timestamps": delta, "video_backend": "pyav"}
+    return DatasetSplit(entry, meta, LeRobotDataset(repo_id, episodes=train_eps, **kwargs),
+                        LeRobotDataset(repo_id, episodes=held_eps, **kwargs))
+
+
+def vector_stats(dataset: LeRobotDataset) -> dict[str, dict[str, np.ndarray]]:
+    """Normalisation statistics of state and action over the frames of ``dataset``."""
+    table = dataset.hf_dataset.with_format("numpy")
+    return {key: get_feature_stats(np.stack(table[key]).astype(np.float64), axis=0, keepdims=False)
+            for key in (STATE, ACTION)}
+
+
+def encode_stats(stats: dict[str, dict[str, np.ndarray]]) -> str:
+    """Normalisation stats as JSON: they travel in ConfigRecords."""
+    return json.dumps({k: {s: np.asarray(v).tolist() for s, v in d.items()} for k, d in stats.items()}, sort_keys=True)
+
+
+def decode_stats(text: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Inverse of :func:`encode_stats`, as tensors for LeRobot's normaliser."""
+    return {k: {s: torch.tensor(v, dtype=torch.float32) for s, v in d.items()} for k, d in json.loads(text).items()}
+
+
+def pool_stats(encoded: list[str]) -> str:
+    """Federation-wide stats from each client's (count-weighted, as LeRobot aggregates datasets)."""
+    stats = [{k: {s: np.asarray(v) for s, v in d.items()} for k, d in json.loads(t).items()} for t in encoded]
+    return encode_stats(aggregate_stats(stats))
+
+
+def open_full(entry: DatasetEntry, policy_cfg: SmolVLAConfig) -> LeRobotDataset:
+    """All episodes of an evaluation dataset (unseen task: nothing of it is trained on)."""
+    meta = open_metadata(entry)
+    check_schema(entry, meta, policy_cfg)
+    repo_id, root = locate(entry)
+    delta = {ACTION: [i / meta.fps for i in range(policy_cfg.chunk_size)]}
+    return LeRobotDataset(repo_id, root=root, delta_timestamps=delta, video_backend="pyav")
+
+
+def rename_cameras(batch: dict, cameras: dict[str, str]) -> dict:
+    """Apply a registry entry's camera mapping to a batch."""
+    return {cameras.get(k, k): v for k, v in batch.items()} if cameras else batch
+
+
+def batches(dataset: LeRobotDataset, batch_size: int, seed: int, cameras: dict[str, str],
+            num_workers: int = 0) -> Iterator[dict]:
+    """An endless, seeded stream of shuffled training batches (re-shuffled every pass)."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=False,
+                                         generator=generator, num_workers=num_workers,
+                                         persistent_workers=num_workers > 0)
+    while True:
+        for batch in loader:
+            yield rename_cameras(batch, cameras)
+
+
+def eval_batches(dataset: LeRobotDataset, batch_size: int, limit: int, cameras: dict[str, str]) -> Iterator[dict]:
+    """The first ``limit`` batches of a fixed, evenly spaced selection of frames (same every call)."""
+    n = min(len(dataset), batch_size * limit)
+    indices = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size)
+    for batch in loader:
+        yield rename_cameras(batch, cameras)
+

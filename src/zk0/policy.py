@@ -1,0 +1,126 @@
+"""Build the SmolVLA policy and split it into what trains and what stays frozen.
+
+``model-name = "tiny"`` builds a randomly initialised SmolVLA on the embedded tiny VLM
+(deterministic from the run seed); any other value is a pretrained SmolVLA, by hub id
+or local folder. Only the trainable tensors travel between server and clients; the
+frozen base is rebuilt on each side and checked through its fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from lerobot.configs.types import FeatureType, PolicyFeature
+from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+from zk0 import synthetic, tiny
+from zk0.config import RunConfig
+
+TINY = "tiny"
+POLICY_FPS = 30  # SO-100/SO-101 recordings and smolvla_base use 30 fps
+
+
+class ModelUnavailable(RuntimeError):
+    """The requested pretrained model cannot be loaded (offline, missing, not a SmolVLA)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run-config device='cuda' but no CUDA GPU is visible; use device='auto' or 'cpu'")
+    return torch.device(name)
+
+
+def tiny_config(chunk_size: int, device: str) -> SmolVLAConfig:
+    """SmolVLA config on the embedded tiny VLM, with the embedded datasets' SO-101 features."""
+    spec = synthetic.features(tiny.IMAGE_SIZE)
+    inputs = {"observation.state": PolicyFeature(FeatureType.STATE, spec["observation.state"]["shape"])}
+    for cam in synthetic.CAMERAS:
+        inputs[f"observation.images.{cam}"] = PolicyFeature(FeatureType.VISUAL, (3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE))
+    return SmolVLAConfig(
+        vlm_model_name=str(tiny.ensure_tiny_vlm()), load_vlm_weights=False, num_vlm_layers=4,
+        resize_imgs_with_padding=(tiny.IMAGE_SIZE, tiny.IMAGE_SIZE), chunk_size=chunk_size,
+        n_action_steps=chunk_size, input_features=inputs,
+        output_features={"action": PolicyFeature(FeatureType.ACTION, spec["action"]["shape"])},
+        device=device)
+
+
+def build_policy(cfg: RunConfig) -> SmolVLAPolicy:
+    """The policy named by ``cfg.model_name`` on ``cfg.device``, with SmolVLA's trainable split."""
+    device = resolve_device(cfg.device)
+    if cfg.model_name == TINY:
+        torch.manual_seed(cfg.seed)  # the frozen base must be identical on every node
+        policy = SmolVLAPolicy(tiny_config(cfg.chunk_size, device.type))
+    else:
+        policy = _load_pretrained(cfg.model_name, device)
+        policy.config.chunk_size = policy.config.n_action_steps = cfg.chunk_size
+    return policy.to(device)
+
+
+def _load_pretrained(name: str, device: torch.device) -> SmolVLAPolicy:
+    """Load a pretrained SmolVLA, failing within seconds with one line when it is unreachable."""
+    if not Path(name).is_dir():
+        _require_hub_model(name)
+    try:
+        return SmolVLAPolicy.from_pretrained(name, device=device.type)
+    except (OSError, ValueError) as err:
+        raise ModelUnavailable(f"model {name!r} could not be loaded as a SmolVLA policy: "
+                               f"{str(err).splitlines()[0]}") from None
+
+
+def _require_hub_model(repo_id: str) -> None:
+    """Fail fast unless ``repo_id`` is in the local hub cache or the hub answers within seconds."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+        return
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ModelUnavailable(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+                               "set: download it on a connected machine or use model-name=\"tiny\"")
+    try:
+        HfApi().model_info(repo_id, timeout=5)
+    except (HfHubHTTPError, OSError) as err:
+        raise ModelUnavailable(f"model {repo_id!r} is unreachable on the Hugging Face hub "
+                               f"({type(err).__name__}); check the network or use model-name=\"tiny\"") from None
+
+
+def trainable_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (``requires_grad``), by name."""
+    return {n: p for n, p in policy.named_parameters() if p.requires_grad}
+
+
+def trainable_shapes(policy: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Names and shapes every payload must match."""
+    return {n: tuple(p.shape) for n, p in trainable_state(policy).items()}
+
+
+@torch.no_grad()
+def load_trainable(policy: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into the trainable parameters (names must match exactly)."""
+    params = trainable_state(policy)
+    if set(params) != set(tensors):
+        raise ValueError(f"trainable tensors differ: {sorted(set(params) ^ set(tensors))[:3]}")
+    for name, value in tensors.items():
+        params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+@torch.no_grad()
+def base_fingerprint(policy: torch.nn.Module) -> str:
+    """SHA-256 of the frozen base (frozen parameters and buffers): equal bases, equal fingerprints."""
+    trainable = set(trainable_state(policy))
+    h = hashlib.sha256()
+    tensors = [(n, t) for n, t in policy.state_dict().items() if n not in trainable]
+    for name, t in sorted(tensors, key=lambda item: item[0]):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,167 @@
+"""The zk0 Flower strategy: FedProx/FedAvg over trainable tensors with verified payloads.
+
+Extends Flower's ``FedAvg`` where the earlier design fell short:
+
+* per-round values (learning rate, proximal mu) are computed here and sent in the round
+  config; clients use what they receive;
+* the server keeps the global trainable tensors in fp32 and sends them in the transport
+  dtype; clients answer with their *update* (trained minus received), so bf16 transport
+  does not swallow small steps; updates are averaged in fp32, weighted by ``num-examples``;
+* every payload carries its SHA-256 digest and the frozen-base fingerprint; an update that
+  fails verification, is non-finite or too large is rejected with a logged reason and the
+  round goes on with the others, unless fewer than ``min-train-nodes`` remain.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from logging import WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from zk0 import transport
+from zk0.config import RunConfig
+
+Event = Callable[[dict], None]
+
+
+def round_lr(cfg: RunConfig, server_round: int) -> float:
+    """Learning rate of ``server_round`` (1-based): optional linear warm-up, then the schedule."""
+    if server_round <= cfg.warmup_rounds:
+        return cfg.lr * server_round / (cfg.warmup_rounds + 1)
+    floor = cfg.lr * cfg.lr_min_factor
+    span = max(1, cfg.num_server_rounds - cfg.warmup_rounds - 1)
+    progress = min(1.0, (server_round - cfg.warmup_rounds - 1) / span)
+    if cfg.lr_schedule == "cosine":
+        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.lr_schedule == "linear":
+        return cfg.lr - (cfg.lr - floor) * progress
+    return cfg.lr
+
+
+def payload_config(arrays: ArrayRecord, fingerprint: str, dtype: str) -> dict[str, str]:
+    """What accompanies every payload so the receiver can verify it."""
+    return {"payload-digest": transport.digest(arrays), "base-fingerprint": fingerprint, "transport-dtype": dtype}
+
+
+class RoundFailed(RuntimeError):
+    """Too few valid updates arrived to aggregate a round."""
+
+
+class SmolVLAStrategy(FedAvg):
+    """FedProx (or FedAvg, ``mu = 0``) over SmolVLA's trainable tensors."""
+
+    def __init__(self, cfg: RunConfig, master: dict[str, torch.Tensor], fingerprint: str,
+                 norm_stats: str, on_event: Event) -> None:
+        super().__init__(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+                         min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
+                         min_available_nodes=max(cfg.min_train_nodes, cfg.min_evaluate_nodes, 1))
+        self.cfg = cfg
+        self.master = {n: t.detach().to("cpu", torch.float32).clone() for n, t in master.items()}
+        self.shapes = {n: tuple(t.shape) for n, t in self.master.items()}
+        self.fingerprint = fingerprint
+        self.norm_stats = norm_stats
+        self.on_event = on_event
+        self.bytes_down = self.bytes_up = 0
+
+    def encoded_master(self) -> ArrayRecord:
+        """The global trainable tensors as they go on the wire."""
+        return transport.encode(self.master, self.cfg.transport_dtype)
+
+    def _round_config(self, config: ConfigRecord, arrays: ArrayRecord) -> ConfigRecord:
+        out = ConfigRecord(dict(config))
+        out.update(payload_config(arrays, self.fingerprint, self.cfg.transport_dtype))
+        out["norm-stats"] = self.norm_stats
+        return out
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Add this round's lr, mu and the payload's digest and base fingerprint."""
+        config = self._round_config(config, arrays)
+        config["lr"] = round_lr(self.cfg, server_round)
+        config["proximal-mu"] = self.cfg.effective_mu
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.bytes_down += transport.nbytes(arrays) * len(messages)
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Federated evaluation every ``eval-every`` rounds and at the last round."""
+        if server_round % self.cfg.eval_every and server_round != self.cfg.num_server_rounds:
+            return []
+        messages = list(super().configure_evaluate(server_round, arrays, self._round_config(config, arrays), grid))
+        self.bytes_down += transport.nbytes(arrays) * len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Verify each update, then apply their fp32 weighted mean to the global tensors."""
+        accepted: list[tuple[Message, dict[str, torch.Tensor], float]] = []
+        for reply in replies:
+            try:
+                update, weight = self._verified_update(reply)
+            except (transport.PayloadError, KeyError, TypeError) as err:
+                self._reject(server_round, reply, str(err))
+                continue
+            accepted.append((reply, update, weight))
+            self._client_event(server_round, "client", reply)
+        if len(accepted) < max(1, self.cfg.min_train_nodes):
+            raise RoundFailed(f"round {server_round}: {len(accepted)} valid update(s), fewer than "
+                              f"min-train-nodes={self.cfg.min_train_nodes}; stopping rather than "
+                              "aggregating too few clients")
+        total = sum(weight for _, _, weight in accepted)
+        for name in self.master:
+            self.master[name] += sum(update[name] * (weight / total) for _, update, weight in accepted)
+        metrics = aggregate_metricrecords([RecordDict({"metrics": r.content["metrics"]}) for r, _, _ in accepted],
+                                          "num-examples")
+        return self.encoded_master(), metrics
+
+    def _verified_update(self, reply: Message) -> tuple[dict[str, torch.Tensor], float]:
+        if reply.has_error():
+            raise transport.PayloadError(f"client error: {reply.error.reason}")
+        arrays, meta = reply.content["arrays"], reply.content["payload"]
+        if meta["base-fingerprint"] != self.fingerprint:
+            raise transport.PayloadError("frozen-base fingerprint differs from the server's")
+        if meta["transport-dtype"] != self.cfg.transport_dtype:
+            raise transport.PayloadError(f"transport dtype {meta['transport-dtype']} != {self.cfg.transport_dtype}")
+        transport.check(arrays, str(meta["payload-digest"]), self.shapes)
+        self.bytes_up += transport.nbytes(arrays)
+        update = transport.decode(arrays, self.cfg.transport_dtype)
+        if not all(torch.isfinite(t).all() for t in update.values()):
+            raise transport.PayloadError("update has non-finite values")
+        norm = math.sqrt(sum(float((t**2).sum()) for t in update.values()))
+        if self.cfg.max_update_norm and norm > self.cfg.max_update_norm:
+            raise transport.PayloadError(f"update norm {norm:.3g} exceeds max-update-norm={self.cfg.max_update_norm}")
+        weight = float(reply.content["metrics"]["num-examples"])
+        if weight <= 0:
+            raise transport.PayloadError(f"num-examples must be > 0, got {weight}")
+        return update, weight
+
+    def _reject(self, server_round: int, reply: Message, reason: str) -> None:
+        node = reply.metadata.src_node_id
+        log(WARNING, "round %d: rejected update from node %s: %s", server_round, node, reason)
+        self.on_event({"round": server_round, "source": "server", "event": "rejected-update",
+                       "node": node, "reason": reason})
+
+    def _client_event(self, server_round: int, source: str, reply: Message) -> None:
+        about = reply.content["payload"]
+        self.on_event({"round": server_round, "source": source, "node": reply.metadata.src_node_id,
+                       "partition": about["partition-id"], "dataset": about["dataset"],
+                       **dict(reply.content["metrics"])})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Log each client's held-out metrics, then their weighted mean."""
+        valid = []
+        for reply in replies:
+            if reply.has_error():
+                self._reject(server_round, reply, f"evaluation failed: {reply.error.reason}")
+                continue
+            self._client_event(server_round, "client-eval", reply)
+            valid.append(RecordDict({"metrics": reply.content["metrics"]}))
+        return aggregate_metricrecords(valid, "num-examples") if valid else None

@@ -1,0 +1,121 @@
+"""Run metrics: ``metrics.jsonl`` (one JSON object per line), charts, and optional W&B.
+
+Every number the run produces goes through :class:`Tracker.log`, so the file, the
+charts, the progress lines, the summary table and W&B all show the same values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+from zk0.config import ConfigError, RunConfig
+
+
+class Tracker:
+    """Appends metric records to ``metrics.jsonl`` and mirrors them to W&B when enabled."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.records: list[dict] = []
+        self.wandb = _start_wandb(run_dir, cfg) if cfg.use_wandb else None
+
+    def log(self, record: dict) -> None:
+        """Record one event: ``round`` and ``source`` (server|client|client-eval) plus values."""
+        record = {"time": round(time.time(), 3), **record}
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            prefix = "/".join(str(record[k]) for k in ("source", "dataset") if k in record)
+            values = {f"{prefix}/{k}": v for k, v in record.items()
+                      if isinstance(v, (int, float)) and k not in ("round", "time", "node", "partition")}
+            self.wandb.log(values, step=record["round"])
+
+    def round_summary(self, server_round: int) -> dict[str, float]:
+        """Per-round view for progress lines and the final table (means over clients / datasets)."""
+        rows = [r for r in self.records if r["round"] == server_round]
+        out: dict[str, float] = {}
+        for source, key, name in (("client", "train-loss", "train-loss"),
+                                  ("client-eval", "eval-loss", "client-eval-loss"),
+                                  ("client-eval", "eval-action-mae", "client-eval-mae"),
+                                  ("server", "eval-loss", "server-eval-loss"),
+                                  ("server", "eval-action-mae", "server-eval-mae")):
+            values = [r[key] for r in rows if r["source"] == source and key in r]
+            if values:
+                out[name] = mean(values)
+        for r in rows:
+            if r.get("event") == "round":
+                out.update({k: r[k] for k in ("bytes-down", "bytes-up", "seconds")})
+        out["rejected"] = sum(1 for r in rows if r.get("event") == "rejected-update")
+        return out
+
+    def close(self) -> None:
+        """Finish the W&B run, if any."""
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(run_dir: Path, cfg: RunConfig):
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("use-wandb=true but wandb is not installed: pip install -e '.[wandb]'") from None
+    if not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    return wandb.init(project=cfg.wandb_project, name=run_dir.name, dir=str(run_dir), config=cfg.to_run_config())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All records of a ``metrics.jsonl`` (none when the run stopped before logging any)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_charts(run_dir: Path) -> list[Path]:
+    """Train loss per client and evaluation metrics per round, as PNGs under ``charts/``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    charts = run_dir / "charts"
+    charts.mkdir(exist_ok=True)
+    written = []
+    series = _series(records, "client", "train-loss")
+    if series:
+        written.append(_plot(plt, series, "train loss per client", "flow-matching loss", charts / "train_loss.png"))
+    for key, label in (("eval-loss", "flow-matching loss (fixed noise)"), ("eval-action-mae", "action MAE")):
+        series = {f"server: {k}": v for k, v in _series(records, "server", key).items()}
+        series.update({f"held-out: {k}": v for k, v in _series(records, "client-eval", key).items()})
+        if series:
+            written.append(_plot(plt, series, f"{key} per round", label, charts / f"{key.replace('-', '_')}.png"))
+    return written
+
+
+def _series(records: list[dict], source: str, key: str) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for r in records:
+        if r.get("source") == source and key in r:
+            out[str(r.get("dataset", "global"))].append((r["round"], r[key]))
+    return dict(out)
+
+
+def _plot(plt, series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set(title=title, xlabel="round", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
