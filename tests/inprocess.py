@@ -7,6 +7,7 @@ error reply. ``intercept`` lets a test alter replies in transit (e.g. tamper a p
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from uuid import uuid4
 
@@ -17,13 +18,16 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.serverapp import Grid
 
 SERVER_NODE_ID = 1
+_RUN_IDS = itertools.count(1000)  # a fresh run id per grid: clients keep state per run
 
 
 class InProcessGrid(Grid):
     """Nodes ``101, 102, …`` are partitions ``0, 1, …`` of a simulated federation."""
 
-    def __init__(self, client_app: ClientApp, run_config: dict, num_nodes: int, run_id: int = 7,
+    def __init__(self, client_app: ClientApp, run_config: dict, num_nodes: int, run_id: int | None = None,
                  intercept: Callable[[Message], Message] | None = None) -> None:
+        run_id = next(_RUN_IDS) if run_id is None else run_id
+        self.run_id = run_id
         self.client_app = client_app
         self.intercept = intercept or (lambda reply: reply)
         self.contexts = {

@@ -107,6 +107,7 @@ def train(msg: Message, context: Context) -> Message:
     rt = runtime(context)
     weights, config = receive_global(rt, msg)
     pre, _ = rt.pre_post(str(config["norm-stats"]))
+    torch.manual_seed(rt.cfg.seed + 1000 * int(config["server-round"]) + rt.partition_id)  # flow-matching noise
     result = train_steps(rt.policy, pre, rt.stream, steps=rt.cfg.local_steps, lr=float(config["lr"]),
                          mu=float(config["proximal-mu"]), grad_clip_norm=rt.cfg.grad_clip_norm)
     update = {n: p.detach().cpu().float() - weights[n] for n, p in trainable_state(rt.policy).items()}

@@ -1,0 +1,31 @@
+"""Shared test setup: offline, single-threaded, one cache of generated artefacts per checkout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ.setdefault("ZK0_CACHE", str(ROOT / ".pytest_cache" / "zk0"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+FAST = {"local-steps": 2, "batch-size": 4, "eval-batches": 1}
+
+
+@pytest.fixture
+def run_config(tmp_path):
+    """Build a Flower run config (pyproject defaults + overrides) like `flwr run` does."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    def make(**overrides) -> dict:
+        values = {**FAST, "output-dir": str(tmp_path / "outputs"),
+                  **{k.replace("_", "-"): v for k, v in overrides.items()}}
+        return get_fused_config_from_dir(ROOT, values)
+
+    return make

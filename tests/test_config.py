@@ -1,0 +1,131 @@
+"""zk0.config.RunConfig: parsing Flower's run config, type checks, choices, ranges."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from zk0.config import ConfigError, RunConfig
+
+
+def test_defaults_parse_from_pyproject(run_config):
+    raw = run_config()
+    cfg = RunConfig.from_run_config(raw)
+    # values from [tool.flwr.app.config] in pyproject.toml
+    assert cfg.num_server_rounds == 3
+    assert cfg.strategy == "fedprox"
+    assert cfg.proximal_mu == pytest.approx(0.01)
+    assert cfg.lr == pytest.approx(1e-3)
+    assert cfg.lr_schedule == "cosine"
+    assert cfg.model_name == "tiny"
+    assert cfg.transport_dtype == "bf16"
+    assert cfg.datasets == "embedded"
+    assert cfg.use_wandb is False
+    # the fixture's FAST overrides went through
+    assert cfg.local_steps == 2
+    assert cfg.batch_size == 4
+    assert cfg.eval_batches == 1
+    assert cfg.output_dir == raw["output-dir"]
+    # every pyproject key is a RunConfig field
+    assert set(raw) == {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
+
+
+def test_pyproject_defaults_agree_with_dataclass_defaults(run_config):
+    raw = run_config(**{"local-steps": 20, "batch-size": 8, "eval-batches": 4, "output-dir": "outputs"})
+    assert RunConfig.from_run_config(raw) == RunConfig()
+
+
+def test_overrides_by_key_or_python_name(run_config):
+    cfg = RunConfig.from_run_config(run_config(**{"num-server-rounds": 5}, lr_schedule="linear"))
+    assert cfg.num_server_rounds == 5
+    assert cfg.lr_schedule == "linear"
+
+
+def test_int_accepted_for_float_field(run_config):
+    cfg = RunConfig.from_run_config(run_config(lr=1))
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+
+
+def test_unknown_key_rejected_and_named(run_config):
+    raw = run_config()
+    raw["num-rounds"] = 3
+    with pytest.raises(ConfigError, match="num-rounds"):
+        RunConfig.from_run_config(raw)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num-server-rounds", "3"),     # string for int
+    ("num-server-rounds", True),    # bool for int
+    ("num-server-rounds", 3.0),     # float for int
+    ("lr", "1e-3"),                 # string for float
+    ("lr", False),                  # bool for float
+    ("use-wandb", 1),               # int for bool
+    ("strategy", 1),                # int for str
+])
+def test_wrong_type_rejected(run_config, key, value):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config(run_config(**{key: value}))
+    assert repr(key) in str(err.value)
+
+
+def test_bad_choice_names_key_and_choices(run_config):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config(run_config(strategy="fedsgd"))
+    message = str(err.value)
+    assert "'strategy'" in message
+    assert "fedprox" in message and "fedavg" in message
+    assert "fedsgd" in message
+
+
+@pytest.mark.parametrize("key, value", [
+    ("lr-schedule", "step"), ("transport-dtype", "fp16"), ("device", "tpu"),
+])
+def test_other_choices_validated(run_config, key, value):
+    with pytest.raises(ConfigError, match=repr(key)):
+        RunConfig.from_run_config(run_config(**{key: value}))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("held-out-fraction", 0.0),
+    ("held-out-fraction", 1.0),
+    ("local-steps", 0),
+    ("num-server-rounds", 0),
+    ("batch-size", -1),
+    ("fraction-train", 1.5),
+    ("fraction-evaluate", -0.1),
+    ("lr-min-factor", 2.0),
+    ("proximal-mu", -0.1),
+    ("lr", -1e-3),
+    ("round-timeout", 0.0),
+    ("model-name", ""),
+])
+def test_ranges_rejected(run_config, key, value):
+    with pytest.raises(ConfigError, match=repr(key)):
+        RunConfig.from_run_config(run_config(**{key: value}))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("held-out-fraction", 0.5), ("fraction-train", 1.0), ("fraction-train", 0.0), ("proximal-mu", 0.0),
+])
+def test_range_boundaries_accepted(run_config, key, value):
+    cfg = RunConfig.from_run_config(run_config(**{key: value}))
+    assert getattr(cfg, key.replace("-", "_")) == value
+
+
+def test_effective_mu():
+    assert RunConfig(strategy="fedavg", proximal_mu=0.5).effective_mu == 0.0
+    assert RunConfig(strategy="fedprox", proximal_mu=0.5).effective_mu == 0.5
+
+
+def test_to_run_config_round_trips(run_config):
+    cfg = RunConfig.from_run_config(run_config(strategy="fedavg", lr=3e-4, seed=7, **{"use-wandb": False}))
+    raw = cfg.to_run_config()
+    assert raw["strategy"] == "fedavg" and raw["seed"] == 7 and raw["num-server-rounds"] == 3
+    assert all("_" not in key for key in raw)
+    assert RunConfig.from_run_config(raw) == cfg
+
+
+def test_run_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunConfig().lr = 1.0  # type: ignore[misc]

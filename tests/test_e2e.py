@@ -1,0 +1,99 @@
+"""End to end through Flower's own entry points: `flwr run` against a simulation SuperLink,
+and `zk0 simulate`. Everything binds 127.0.0.1; every process is stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from zk0.tracking import read_metrics
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(tmp_path: Path) -> dict[str, str]:
+    """Flower's home (connections) inside the test folder; our venv first on PATH."""
+    return {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PATH": f"{BIN}:{os.environ['PATH']}",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+@pytest.fixture
+def superlink(tmp_path):
+    """A simulation SuperLink on a free loopback port, with a connection named `e2e`."""
+    port = free_port()
+    env = env_for(tmp_path)
+    (tmp_path / "flwr").mkdir()
+    (tmp_path / "flwr" / "config.toml").write_text(
+        f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    log = (tmp_path / "superlink.log").open("w")
+    proc = subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                             "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert proc.poll() is None, (tmp_path / "superlink.log").read_text()[-2000:]
+        time.sleep(0.5)
+    yield env
+    os.killpg(proc.pid, signal.SIGTERM)  # its SuperExec watches this PID and exits with it
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    log.close()
+
+
+def test_flwr_run_simulation(superlink, tmp_path):
+    out = tmp_path / "outputs"
+    run_config = f"num-server-rounds=2 local-steps=2 batch-size=4 eval-batches=1 output-dir='{out}'"
+    subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "e2e", "--stream", "--federation-config", "num-supernodes=2",
+                    "--run-config", run_config], env=superlink, check=True, timeout=400,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink for the run's status.
+    listing = subprocess.run([str(BIN / "flwr"), "ls", "e2e", "--format", "json"], env=superlink, check=True,
+                             timeout=60, capture_output=True, text=True)
+    runs = json.loads(listing.stdout)["runs"]
+    assert [r["status"] for r in runs] == ["finished:completed"]
+    (run_dir,) = out.iterdir()
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert {r["partition"] for r in records if r["source"] == "client"} == {0, 1}
+    assert (run_dir / "checkpoints" / "round_2" / "model.safetensors").is_file()
+
+
+def test_zk0_simulate_cli(tmp_path):
+    out = tmp_path / "outputs"
+    proc = subprocess.run([str(BIN / "zk0"), "simulate", "--num-clients", "2", "--output", str(out), "--run-config",
+                           "num-server-rounds=1 local-steps=2 batch-size=4 eval-batches=1 strategy=fedavg"],
+                          env=env_for(tmp_path), timeout=400, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = out.iterdir()
+    assert f"run folder: {run_dir}" in proc.stdout
+    assert "fedavg" in run_dir.name and "zk0 run summary" in proc.stderr + proc.stdout
+    assert json.loads((run_dir / "config.json").read_text())["run-config"]["strategy"] == "fedavg"
+
+
+def test_zk0_simulate_rejects_bad_config_in_one_line(tmp_path):
+    proc = subprocess.run([str(BIN / "zk0"), "simulate", "--output", str(tmp_path), "--run-config", "strategy=fedsgd"],
+                          env=env_for(tmp_path), timeout=120, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: run-config 'strategy' must be one of fedprox|fedavg, got 'fedsgd'"]

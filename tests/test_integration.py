@@ -1,0 +1,176 @@
+"""The real ServerApp and ClientApp, 2 clients x 2 rounds, in one process (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from inprocess import InProcessGrid
+from lerobot.policies.factory import make_pre_post_processors
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+from zk0 import client_app, server_app, transport
+from zk0.config import RunConfig
+from zk0.policy import base_fingerprint, build_policy, trainable_state
+from zk0.strategy import RoundFailed, round_lr
+from zk0.tracking import read_metrics
+
+
+def run_federation(config: dict, num_nodes: int = 2, intercept=None) -> tuple[Path, InProcessGrid]:
+    """Run the unchanged ServerApp against the unchanged ClientApp; return the run folder."""
+    grid = InProcessGrid(client_app.app, config, num_nodes, intercept=intercept)
+    server_app.app(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    runs = sorted(Path(config["output-dir"]).iterdir())
+    return runs[-1], grid
+
+
+def tamper_first_update(reply: Message) -> Message:
+    """Flip one value of the first training update in transit (after the client signed it)."""
+    if reply.has_error() or "arrays" not in reply.content or tamper_first_update.done:
+        return reply
+    tamper_first_update.done = True
+    arrays = reply.content["arrays"]
+    name = sorted(arrays.keys())[0]
+    values = arrays[name].numpy().copy()
+    values.flat[0] += 1
+    arrays[name] = Array(values)
+    return reply
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """One 2-round run with a tampered update in round 1 (min-train-nodes=1 lets it go on)."""
+    from conftest import FAST, ROOT
+    from flwr.common.config import get_fused_config_from_dir
+
+    out = tmp_path_factory.mktemp("outputs")
+    config = get_fused_config_from_dir(ROOT, {**FAST, "num-server-rounds": 2, "min-train-nodes": 1,
+                                              "checkpoint-interval": 1, "output-dir": str(out)})
+    tamper_first_update.done = False
+    run_dir, grid = run_federation(config, intercept=tamper_first_update)
+    return config, run_dir, grid
+
+
+def test_run_folder_has_everything(federation):
+    _, run_dir, _ = federation
+    doc = json.loads((run_dir / "config.json").read_text())
+    assert doc["run-config"]["num-server-rounds"] == 2 and doc["versions"]["lerobot"] == "0.6.1"
+    assert {p.name for p in (run_dir / "charts").glob("*.png")} >= {"train_loss.png", "eval_loss.png"}
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"round_1", "round_2"}
+
+
+def test_losses_finite_and_all_sources_logged(federation):
+    _, run_dir, _ = federation
+    records = read_metrics(run_dir / "metrics.jsonl")
+    sources = {r["source"] for r in records}
+    assert sources == {"server", "client", "client-eval"}
+    losses = [r[k] for r in records for k in ("train-loss", "eval-loss") if k in r]
+    assert len(losses) >= 6 and all(np.isfinite(losses))
+    assert [r["round"] for r in records if r.get("dataset") == "purple-unseen"] == [0, 1, 2]
+
+
+def test_tampered_update_is_rejected_and_round_goes_on(federation):
+    _, run_dir, _ = federation
+    records = read_metrics(run_dir / "metrics.jsonl")
+    rejected = [r for r in records if r.get("event") == "rejected-update"]
+    assert len(rejected) == 1 and rejected[0]["round"] == 1 and "digest mismatch" in rejected[0]["reason"]
+    assert len([r for r in records if r["source"] == "client" and r["round"] == 1]) == 1
+    assert len([r for r in records if r["source"] == "client" and r["round"] == 2]) == 2
+
+
+def test_every_server_payload_carries_a_valid_digest_and_fingerprint(federation):
+    config, _, grid = federation
+    fingerprint = base_fingerprint(build_policy(RunConfig.from_run_config(config)))
+    payloads = [m for m in grid.sent if m.metadata.message_type != MessageType.QUERY]
+    assert len(payloads) == 8  # 2 rounds x (train + evaluate) x 2 nodes
+    for msg in payloads:
+        cfg = msg.content["config"]
+        assert cfg["payload-digest"] == transport.digest(msg.content["arrays"])
+        assert cfg["base-fingerprint"] == fingerprint
+
+
+def test_global_weights_change_and_lr_schedule_arrives(federation):
+    config, _, grid = federation
+    cfg = RunConfig.from_run_config(config)
+    trains = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    first, last = trains[0].content["arrays"], trains[-1].content["arrays"]
+    assert transport.digest(first) != transport.digest(last)
+    assert [m.content["config"]["lr"] for m in trains] == [round_lr(cfg, 1)] * 2 + [round_lr(cfg, 2)] * 2
+    assert round_lr(cfg, 2) < round_lr(cfg, 1)
+
+
+def test_checkpoint_is_a_lerobot_pretrained_policy_with_this_rounds_card(federation):
+    _, run_dir, _ = federation
+    folder = run_dir / "checkpoints" / "round_2"
+    policy = SmolVLAPolicy.from_pretrained(folder)
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(folder))
+    assert pre is not None and post is not None
+    fresh = trainable_state(build_policy(RunConfig()))
+    loaded = trainable_state(policy)
+    assert any(not torch.equal(fresh[n], loaded[n]) for n in fresh)
+    card = (folder / "README.md").read_text()
+    records = read_metrics(run_dir / "metrics.jsonl")
+    unseen = [r["eval-loss"] for r in records if r.get("dataset") == "purple-unseen" and r["round"] == 2]
+    assert "round 2 of 2" in card and f"{unseen[0]:.6g}" in card
+
+
+def test_client_uses_the_round_lr_it_receives(run_config):
+    """lr=0 in the round config must give a zero update, whatever the static lr is."""
+    config = run_config(lr=0.5)
+    grid = InProcessGrid(client_app.app, config, 1)
+    policy = build_policy(RunConfig.from_run_config(config))
+    arrays = transport.encode(trainable_state(policy), "bf16")
+    query = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=101, message_type=MessageType.QUERY)
+    stats = grid.send_and_receive([query])[0].content["stats"]["norm-stats"]
+
+    def train_with(lr: float) -> float:
+        cfg = ConfigRecord({"server-round": 1, "lr": lr, "proximal-mu": 0.0, "norm-stats": stats,
+                            "payload-digest": transport.digest(arrays), "base-fingerprint": base_fingerprint(policy),
+                            "transport-dtype": "bf16"})
+        msg = Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=101, message_type=MessageType.TRAIN)
+        reply = grid.send_and_receive([msg])[0]
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        assert reply.content["metrics"]["lr"] == lr
+        update = transport.decode(reply.content["arrays"], "bf16")
+        return max(float(t.abs().max()) for t in update.values())
+
+    assert train_with(0.0) == 0.0
+    assert train_with(1e-3) > 0.0
+
+
+def test_client_rejects_a_payload_that_does_not_match_its_digest(run_config):
+    config = run_config()
+    grid = InProcessGrid(client_app.app, config, 1)
+    policy = build_policy(RunConfig.from_run_config(config))
+    arrays = transport.encode(trainable_state(policy), "bf16")
+    cfg = ConfigRecord({"lr": 1e-3, "proximal-mu": 0.0, "norm-stats": "{}", "payload-digest": "0" * 64,
+                        "base-fingerprint": base_fingerprint(policy), "transport-dtype": "bf16"})
+    msg = Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=101, message_type=MessageType.TRAIN)
+    reply = grid.send_and_receive([msg])[0]
+    assert reply.has_error() and "digest mismatch" in reply.error.reason
+
+
+def test_too_few_valid_updates_fail_the_round_loudly(run_config):
+    def corrupt_all(reply: Message) -> Message:
+        if not reply.has_error() and "arrays" in reply.content:
+            reply.content["payload"]["payload-digest"] = "f" * 64
+        return reply
+
+    config = run_config(num_server_rounds=1)
+    with pytest.raises(RoundFailed, match="min-train-nodes=2"):
+        run_federation(config, intercept=corrupt_all)
+
+
+def test_same_seed_same_result(run_config, tmp_path):
+    """Two runs with the same seeds end with identical global weights."""
+    finals = []
+    for name in ("a", "b"):
+        config = run_config(num_server_rounds=1, output_dir=str(tmp_path / name), eval_every=1)
+        run_dir, _ = run_federation(config)
+        state = SmolVLAPolicy.from_pretrained(run_dir / "checkpoints" / "round_1").state_dict()
+        finals.append(state)
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])

@@ -1,0 +1,123 @@
+"""zk0.registry: dataset profiles in pyproject.toml and dataset URIs."""
+
+from __future__ import annotations
+
+import pytest
+
+from zk0.registry import DatasetEntry, Registry, RegistryError, default_pyproject, load_registry
+
+
+def write_pyproject(tmp_path, body: str):
+    path = tmp_path / "pyproject.toml"
+    path.write_text(body)
+    return path
+
+
+def test_default_pyproject_is_the_checkout():
+    path = default_pyproject()
+    assert path.is_file()
+    assert "[tool.zk0.datasets.embedded]" in path.read_text()
+
+
+def test_embedded_profile_from_real_pyproject():
+    reg = load_registry("embedded")
+    assert isinstance(reg, Registry)
+    assert reg.profile == "embedded"
+    assert len(reg.clients) == 4
+    assert len(reg.server_eval) == 1
+    assert [e.uri for e in reg.clients] == [
+        "embedded:red-left", "embedded:green-right", "embedded:blue-center", "embedded:yellow-far-left"]
+    assert all(e.scheme == "embedded" for e in (*reg.clients, *reg.server_eval))
+    assert reg.server_eval[0].target == "purple-unseen"
+    # the unseen task is not one of the training tasks
+    assert reg.server_eval[0].target not in {e.target for e in reg.clients}
+
+
+def test_hub_profile_entries_are_hf():
+    reg = load_registry("so101-hub")
+    assert len(reg.clients) >= 2
+    assert all(e.scheme == "hf" for e in reg.clients)
+    assert "/" in reg.clients[0].target and not reg.clients[0].target.startswith("hf:")
+
+
+@pytest.mark.parametrize("uri, scheme, target, name", [
+    ("hf:user/ds", "hf", "user/ds", "user__ds"),
+    ("user/ds", "hf", "user/ds", "user__ds"),
+    ("local:/abs/path/my_ds", "local", "/abs/path/my_ds", "my_ds"),
+    ("/abs/path/my_ds", "local", "/abs/path/my_ds", "my_ds"),
+    ("embedded:red-left", "embedded", "red-left", "red-left"),
+])
+def test_entry_scheme_target_name(uri, scheme, target, name):
+    entry = DatasetEntry(uri=uri)
+    assert (entry.scheme, entry.target, entry.name) == (scheme, target, name)
+    assert "/" not in entry.name
+
+
+def test_unknown_profile_lists_available():
+    with pytest.raises(RegistryError) as err:
+        load_registry("nope")
+    message = str(err.value)
+    assert "'nope'" in message
+    assert "embedded" in message and "so101-hub" in message
+
+
+def test_missing_pyproject(tmp_path):
+    with pytest.raises(RegistryError, match="does not exist"):
+        load_registry("p", tmp_path / "missing.toml")
+
+
+def test_bad_scheme_rejected(tmp_path):
+    path = write_pyproject(tmp_path, '[tool.zk0.datasets.p]\nclients = ["s3:bucket/ds"]\n')
+    with pytest.raises(RegistryError) as err:
+        load_registry("p", path)
+    assert "s3:bucket/ds" in str(err.value)
+    assert "scheme" in str(err.value)
+
+
+def test_entry_without_uri_rejected(tmp_path):
+    path = write_pyproject(tmp_path, '[tool.zk0.datasets.p]\nclients = [{ path = "/x" }]\n')
+    with pytest.raises(RegistryError, match="uri"):
+        load_registry("p", path)
+
+
+def test_profile_without_clients_rejected(tmp_path):
+    path = write_pyproject(tmp_path, '[tool.zk0.datasets.p]\nserver-eval = ["hf:a/b"]\n')
+    with pytest.raises(RegistryError, match="no clients"):
+        load_registry("p", path)
+
+
+def test_client_partition_out_of_range():
+    reg = load_registry("embedded")
+    assert reg.client(0).uri == "embedded:red-left"
+    assert reg.client(3).uri == "embedded:yellow-far-left"
+    for bad in (4, -1):
+        with pytest.raises(RegistryError) as err:
+            reg.client(bad)
+        assert f"partition {bad}" in str(err.value)
+        assert "4 clients" in str(err.value)
+
+
+def test_temp_pyproject_with_cameras(tmp_path):
+    path = write_pyproject(tmp_path, """
+[tool.zk0.datasets.p]
+clients = [
+    "hf:someone/ds1",
+    { uri = "local:/data/ds2", cameras = { "observation.images.top" = "observation.images.front" } },
+    { uri = "/data/ds3" },
+]
+server-eval = [{ uri = "embedded:purple-unseen" }]
+
+[tool.zk0.datasets.other]
+clients = ["hf:x/y"]
+""")
+    reg = load_registry("p", path)
+    assert reg.profile == "p"
+    assert [e.scheme for e in reg.clients] == ["hf", "local", "local"]
+    assert reg.clients[0].cameras == {}
+    assert reg.clients[1].cameras == {"observation.images.top": "observation.images.front"}
+    assert reg.clients[1].target == "/data/ds2"
+    assert reg.clients[2].name == "ds3"
+    assert reg.server_eval == (DatasetEntry(uri="embedded:purple-unseen"),)
+    assert len(load_registry("other", path).clients) == 1
+    with pytest.raises(RegistryError, match="other, p"):
+        load_registry("missing", path)

@@ -1,0 +1,152 @@
+"""zk0.transport: bf16/fp32 payloads, digests and payload checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+
+from zk0 import transport
+from zk0.transport import PayloadError
+
+
+@pytest.fixture
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "b.weight": torch.randn(7, 5, generator=g),
+        "a.bias": torch.randn(5, generator=g) * 1e-3,
+        "c.scale": torch.randn(2, 3, 4, generator=g) * 100,
+    }
+
+
+def shapes(tensors):
+    return {n: tuple(t.shape) for n, t in tensors.items()}
+
+
+def replace(record: ArrayRecord, name: str, values: np.ndarray) -> ArrayRecord:
+    out = ArrayRecord({n: record[n] for n in record.keys()})
+    out[name] = Array(values)
+    return out
+
+
+def test_fp32_roundtrip_exact(tensors):
+    out = transport.decode(transport.encode(tensors, "fp32"), "fp32")
+    assert set(out) == set(tensors)
+    for name, t in tensors.items():
+        assert out[name].dtype == torch.float32
+        assert torch.equal(out[name], t)
+
+
+def test_bf16_roundtrip_equals_torch_rounding(tensors):
+    record = transport.encode(tensors, "bf16")
+    assert all(record[n].numpy().dtype == np.int16 for n in record.keys())
+    out = transport.decode(record, "bf16")
+    for name, t in tensors.items():
+        expected = t.to(torch.bfloat16).to(torch.float32)
+        assert out[name].dtype == torch.float32
+        assert out[name].shape == t.shape
+        assert torch.equal(out[name], expected)
+        # bf16 is lossy but close: relative error below 2^-8
+        assert torch.allclose(out[name], t, rtol=2**-8, atol=0)
+
+
+def test_encode_sorts_names_and_accepts_bf16_input(tensors):
+    record = transport.encode(tensors, "fp32")
+    assert list(record.keys()) == sorted(tensors)
+    bf = {n: t.to(torch.bfloat16) for n, t in tensors.items()}
+    out = transport.decode(transport.encode(bf, "bf16"), "bf16")
+    for name in tensors:
+        assert torch.equal(out[name], bf[name].float())
+
+
+def test_bf16_halves_the_bytes():
+    big = {"w": torch.randn(256, 256)}
+    fp32 = transport.nbytes(transport.encode(big, "fp32"))
+    bf16 = transport.nbytes(transport.encode(big, "bf16"))
+    assert fp32 >= 256 * 256 * 4
+    assert bf16 / fp32 < 0.51
+
+
+def test_digest_is_stable(tensors):
+    d1 = transport.digest(transport.encode(tensors, "bf16"))
+    d2 = transport.digest(transport.encode(dict(reversed(list(tensors.items()))), "bf16"))
+    assert d1 == d2
+    assert len(d1) == 64
+    assert transport.digest(transport.encode(tensors, "fp32")) != d1
+
+
+def test_digest_changes_with_one_value(tensors):
+    record = transport.encode(tensors, "fp32")
+    values = record["b.weight"].numpy().copy()
+    values[3, 2] = np.nextafter(values[3, 2], np.float32(np.inf))  # smallest possible change
+    assert transport.digest(replace(record, "b.weight", values)) != transport.digest(record)
+
+
+def test_digest_changes_with_one_byte_of_bf16(tensors):
+    record = transport.encode(tensors, "bf16")
+    values = record["a.bias"].numpy().copy()
+    values[0] ^= 1  # flip the lowest bit
+    assert transport.digest(replace(record, "a.bias", values)) != transport.digest(record)
+
+
+def test_digest_changes_with_name(tensors):
+    renamed = dict(tensors)
+    renamed["b.weight2"] = renamed.pop("b.weight")
+    assert transport.digest(transport.encode(renamed, "fp32")) != transport.digest(transport.encode(tensors, "fp32"))
+
+
+def test_digest_changes_with_shape():
+    flat = {"w": torch.arange(6.0)}
+    square = {"w": torch.arange(6.0).reshape(2, 3)}
+    assert transport.digest(transport.encode(flat, "fp32")) != transport.digest(transport.encode(square, "fp32"))
+
+
+def test_check_accepts_valid_payload(tensors):
+    record = transport.encode(tensors, "bf16")
+    transport.check(record, transport.digest(record), shapes(tensors))
+
+
+def test_check_rejects_digest_mismatch(tensors):
+    record = transport.encode(tensors, "bf16")
+    claimed = transport.digest(record)
+    values = record["c.scale"].numpy().copy()
+    values[0, 0, 0] += 1
+    with pytest.raises(PayloadError, match="digest"):
+        transport.check(replace(record, "c.scale", values), claimed, shapes(tensors))
+
+
+def test_check_rejects_missing_tensor(tensors):
+    partial = {n: t for n, t in tensors.items() if n != "a.bias"}
+    record = transport.encode(partial, "fp32")
+    with pytest.raises(PayloadError, match="missing") as err:
+        transport.check(record, transport.digest(record), shapes(tensors))
+    assert "a.bias" in str(err.value)
+
+
+def test_check_rejects_extra_tensor(tensors):
+    record = transport.encode({**tensors, "z.extra": torch.zeros(2)}, "fp32")
+    with pytest.raises(PayloadError, match="unexpected") as err:
+        transport.check(record, transport.digest(record), shapes(tensors))
+    assert "z.extra" in str(err.value)
+
+
+def test_check_rejects_wrong_shape(tensors):
+    wrong = {**tensors, "b.weight": tensors["b.weight"].T.contiguous()}
+    record = transport.encode(wrong, "fp32")
+    with pytest.raises(PayloadError, match="shape") as err:
+        transport.check(record, transport.digest(record), shapes(tensors))
+    assert "b.weight" in str(err.value)
+
+
+def test_decode_rejects_wrong_dtype(tensors):
+    with pytest.raises(PayloadError, match="expected"):
+        transport.decode(transport.encode(tensors, "fp32"), "bf16")
+    with pytest.raises(PayloadError, match="expected"):
+        transport.decode(transport.encode(tensors, "bf16"), "fp32")
+
+
+def test_encode_rejects_unknown_dtype(tensors):
+    with pytest.raises(ValueError, match="fp16"):
+        transport.encode(tensors, "fp16")
