@@ -71,6 +71,7 @@ def test_losses_finite_and_all_sources_logged(federation):
     losses = [r[k] for r in records for k in ("train-loss", "eval-loss") if k in r]
     assert len(losses) >= 6 and all(np.isfinite(losses))
     assert [r["round"] for r in records if r.get("dataset") == "purple-unseen"] == [0, 1, 2]
+    assert sorted(r["round"] for r in records if r["source"] == "client-eval") == [0, 0, 1, 1, 2, 2]
 
 
 def test_tampered_update_is_rejected_and_round_goes_on(federation):
@@ -86,7 +87,7 @@ def test_every_server_payload_carries_a_valid_digest_and_fingerprint(federation)
     config, _, grid = federation
     fingerprint = base_fingerprint(build_policy(RunConfig.from_run_config(config)))
     payloads = [m for m in grid.sent if m.metadata.message_type != MessageType.QUERY]
-    assert len(payloads) == 8  # 2 rounds x (train + evaluate) x 2 nodes
+    assert len(payloads) == 10  # (round-0 evaluate + 2 rounds x (train + evaluate)) x 2 nodes
     for msg in payloads:
         cfg = msg.content["config"]
         assert cfg["payload-digest"] == transport.digest(msg.content["arrays"])

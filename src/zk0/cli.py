@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import random
 import tomllib
 from pathlib import Path
@@ -82,8 +81,6 @@ def _run_simulation(app_dir: Path, run_config: dict, num_supernodes: int) -> Non
     from flwr.app import Context, RecordDict
     from flwr.supercore.telemetry import EventType
     from flwr.simulation.run_simulation import _run_simulation as run
-
-    logging.getLogger("flwr").propagate = False  # LeRobot configures the root logger: avoid every line twice
 
     context = Context(run_id=random.getrandbits(63), node_id=0, node_config={}, state=RecordDict(),
                       run_config=run_config)

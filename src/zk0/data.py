@@ -179,7 +179,8 @@ def eval_batches(dataset: LeRobotDataset, batch_size: int, limit: int, cameras: 
     """The first ``limit`` batches of a fixed, evenly spaced selection of frames (same every call)."""
     n = min(len(dataset), batch_size * limit)
     indices = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                         generator=torch.Generator().manual_seed(0))  # leave global RNG alone
     for batch in loader:
         yield rename_cameras(batch, cameras)
 

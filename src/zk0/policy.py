@@ -65,6 +65,9 @@ def build_policy(cfg: RunConfig) -> SmolVLAPolicy:
 
 def _load_pretrained(name: str, device: torch.device) -> SmolVLAPolicy:
     """Load a pretrained SmolVLA, failing within seconds with one line when it is unreachable."""
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+        raise ModelUnavailable(f"model folder {name!r} does not exist: pass a folder saved by "
+                               "SmolVLAPolicy.save_pretrained, a hub id, or model-name=\"tiny\"")
     if not Path(name).is_dir():
         _require_hub_model(name)
     try:
@@ -89,7 +92,7 @@ def _require_hub_model(repo_id: str) -> None:
                                "set: download it on a connected machine or use model-name=\"tiny\"")
     try:
         HfApi().model_info(repo_id, timeout=5)
-    except (HfHubHTTPError, OSError) as err:
+    except (HfHubHTTPError, OSError, ValueError) as err:
         raise ModelUnavailable(f"model {repo_id!r} is unreachable on the Hugging Face hub "
                                f"({type(err).__name__}); check the network or use model-name=\"tiny\"") from None
 

@@ -94,7 +94,10 @@ def _entry(raw: str | dict, profile: str) -> DatasetEntry:
         raw = {"uri": raw}
     if not isinstance(raw, dict) or not isinstance(raw.get("uri"), str):
         raise RegistryError(f"dataset profile {profile!r}: entry {raw!r} needs a string 'uri'")
-    entry = DatasetEntry(uri=raw["uri"], cameras=dict(raw.get("cameras", {})))
+    cameras = raw.get("cameras", {})
+    if not isinstance(cameras, dict) or not all(isinstance(v, str) for v in cameras.values()):
+        raise RegistryError(f"dataset {raw['uri']!r}: cameras must be a table of dataset key = policy key strings")
+    entry = DatasetEntry(uri=raw["uri"], cameras=dict(cameras))
     if entry.scheme not in ("hf", "local", "embedded"):
         raise RegistryError(f"dataset URI {entry.uri!r}: scheme must be hf:, local: or embedded:")
     return entry

@@ -40,7 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         norm_stats = gather_norm_stats(grid, cfg)
         strategy = SmolVLAStrategy(cfg, trainable_state(policy), fingerprint, norm_stats, tracker.log)
-        round_end = RoundEnd(cfg, registry, run, policy, strategy, tracker)
+        round_end = RoundEnd(cfg, registry, run, policy, strategy, tracker, grid)
         strategy.start(grid, strategy.encoded_master(), cfg.num_server_rounds, timeout=cfg.round_timeout,
                        evaluate_fn=round_end)
     finally:
@@ -76,9 +76,9 @@ class RoundEnd:
     """Called by the strategy after each round (and at round 0): evaluate, checkpoint, report."""
 
     def __init__(self, cfg: RunConfig, registry: Registry, run: RunFolder, policy, strategy: SmolVLAStrategy,
-                 tracker: Tracker) -> None:
+                 tracker: Tracker, grid: Grid) -> None:
         self.cfg, self.registry, self.run, self.policy = cfg, registry, run, policy
-        self.strategy, self.tracker = strategy, tracker
+        self.strategy, self.tracker, self.grid = strategy, tracker, grid
         self.stats = decode_stats(strategy.norm_stats)
         self.pre, self.post = make_pre_post_processors(policy.config, dataset_stats=self.stats)
         self.eval_sets = [(e, open_full(e, policy.config)) for e in registry.server_eval]
@@ -88,6 +88,9 @@ class RoundEnd:
         last = server_round == self.cfg.num_server_rounds
         load_trainable(self.policy, self.strategy.master)
         metrics = {}
+        if server_round == 0:  # Flower evaluates clients after rounds only; round 0 is the baseline
+            messages = self.strategy.configure_evaluate(0, arrays, ConfigRecord(), self.grid)
+            self.strategy.aggregate_evaluate(0, self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
         if server_round % self.cfg.eval_every == 0 or last:
             metrics = self.evaluate(server_round)
         self.tracker.log({"round": server_round, "source": "server", "event": "round",

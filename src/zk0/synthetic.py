@@ -104,13 +104,15 @@ def _render(task: SyntheticTask, q: np.ndarray, cube_pan: float, size: int, wris
 
 def generate(task: SyntheticTask, root: Path, episodes: int, frames: int, image_size: int, seed: int) -> Path:
     """Write a LeRobotDataset for ``task`` at ``root`` (atomically: a staging folder is renamed)."""
+    from lerobot.configs.video import RGBEncoderConfig
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent)) / "ds"
     ds = LeRobotDataset.create(repo_id=f"zk0/{root.name}", fps=FPS, features=features(image_size),
-                               root=staging, robot_type=ROBOT_TYPE, use_videos=True)
+                               root=staging, robot_type=ROBOT_TYPE, use_videos=True, video_backend="pyav",
+                               rgb_encoder=RGBEncoderConfig(vcodec="h264"))  # quieter than SVT-AV1
     rng = np.random.default_rng(seed)
     for _ in range(episodes):
         traj = _trajectory(task, rng, frames + 1)

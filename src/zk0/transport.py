@@ -37,6 +37,8 @@ def encode(tensors: Mapping[str, torch.Tensor], dtype: str) -> ArrayRecord:
 
 def decode(record: ArrayRecord, dtype: str) -> dict[str, torch.Tensor]:
     """Decode a payload to fp32 tensors; the inverse of :func:`encode`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"transport-dtype must be one of {DTYPES}, got {dtype!r}")
     expected = np.dtype(np.int16 if dtype == "bf16" else np.float32)
     out = {}
     for name, array in record.items():
