@@ -175,3 +175,22 @@ def test_same_seed_same_result(run_config, tmp_path):
         state = SmolVLAPolicy.from_pretrained(run_dir / "checkpoints" / "round_1").state_dict()
         finals.append(state)
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+def test_clients_build_policy_and_data_once_per_run(run_config, monkeypatch):
+    """Policy, processors and loader stay resident: nothing is rebuilt in round 2+."""
+    calls = {"policy": 0, "split": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(client_app, "build_policy", counting("policy", client_app.build_policy))
+    monkeypatch.setattr(client_app, "open_split", counting("split", client_app.open_split))
+    config = run_config(num_server_rounds=3, min_train_nodes=1, min_evaluate_nodes=1)
+    run_dir, grid = run_federation(config, num_nodes=1)
+    assert calls == {"policy": 1, "split": 1}
+    runtime = client_app._RUNTIMES[(grid.run_id, 101)]
+    assert len(runtime.processors) == 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import sys
 import json
 
 import pytest
@@ -113,9 +113,22 @@ def test_write_charts_without_metrics(tmp_path):
     assert write_charts(tmp_path) == []
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
-def test_wandb_requested_but_not_installed(tmp_path):
+def test_wandb_requested_but_not_installed(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
     with pytest.raises(ConfigError) as err:
         Tracker(tmp_path, dataclasses.replace(RunConfig(), use_wandb=True))
     assert "pip install" in str(err.value)
     assert "wandb" in str(err.value)
+
+
+def test_wandb_logs_offline_into_the_run_folder_without_an_api_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tracker = Tracker(tmp_path, dataclasses.replace(RunConfig(), use_wandb=True))
+    tracker.log({"round": 0, "source": "server", "dataset": "unseen", "eval-loss": 1.5})
+    tracker.log({"round": 1, "source": "client", "partition": 0, "train-loss": 1.25})
+    tracker.close()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert next(run.glob("*.wandb")).stat().st_size > 0
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 2
