@@ -46,7 +46,7 @@ def write_vlm_folder(folder: Path) -> None:
                               SmolVLMVideoProcessor)
     from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
-    tokenizer = tiny._train_tokenizer()
+    tokenizer = tiny.train_tokenizer()
     text = LlamaConfig(vocab_size=VOCAB_SIZE, pad_token_id=tokenizer.pad_token_id, **TEXT)
     config = SmolVLMConfig(
         text_config=text.to_dict(), vision_config=SmolVLMVisionConfig(**VISION).to_dict(),

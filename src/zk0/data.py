@@ -119,11 +119,15 @@ def open_split(entry: DatasetEntry, policy_cfg: SmolVLAConfig, held_out_fraction
     meta = open_metadata(entry)
     check_schema(entry, meta, policy_cfg)
     train_eps, held_eps = split_episodes(meta.total_episodes, held_out_fraction, seed)
+    return DatasetSplit(entry, meta, _load(entry, meta, policy_cfg, train_eps), _load(entry, meta, policy_cfg, held_eps))
+
+
+def _load(entry: DatasetEntry, meta: LeRobotDatasetMetadata, policy_cfg: SmolVLAConfig,
+          episodes: list[int] | None = None) -> LeRobotDataset:
+    """The dataset (or some of its episodes) with action chunks of the policy's length."""
     repo_id, root = locate(entry)
     delta = {ACTION: [i / meta.fps for i in range(policy_cfg.chunk_size)]}
-    kwargs = {"root": root, "delta_timestamps": delta, "video_backend": "pyav"}
-    return DatasetSplit(entry, meta, LeRobotDataset(repo_id, episodes=train_eps, **kwargs),
-                        LeRobotDataset(repo_id, episodes=held_eps, **kwargs))
+    return LeRobotDataset(repo_id, root=root, episodes=episodes, delta_timestamps=delta, video_backend="pyav")
 
 
 def vector_stats(dataset: LeRobotDataset) -> dict[str, dict[str, np.ndarray]]:
@@ -153,9 +157,7 @@ def open_full(entry: DatasetEntry, policy_cfg: SmolVLAConfig) -> LeRobotDataset:
     """All episodes of an evaluation dataset (unseen task: nothing of it is trained on)."""
     meta = open_metadata(entry)
     check_schema(entry, meta, policy_cfg)
-    repo_id, root = locate(entry)
-    delta = {ACTION: [i / meta.fps for i in range(policy_cfg.chunk_size)]}
-    return LeRobotDataset(repo_id, root=root, delta_timestamps=delta, video_backend="pyav")
+    return _load(entry, meta, policy_cfg)
 
 
 def rename_cameras(batch: dict, cameras: dict[str, str]) -> dict:
