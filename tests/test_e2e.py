@@ -97,3 +97,12 @@ def test_zk0_simulate_rejects_bad_config_in_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "error: run-config 'strategy' must be one of fedprox|fedavg, got 'fedsgd'"]
+
+
+def test_zk0_simulate_fails_fast_on_an_unreachable_hub_model(tmp_path):
+    proc = subprocess.run([str(BIN / "zk0"), "simulate", "--output", str(tmp_path), "--run-config",
+                           "model-name=lerobot/smolvla_base"], env=env_for(tmp_path), timeout=60,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert "lerobot/smolvla_base" in line and "HF_HUB_OFFLINE" in line

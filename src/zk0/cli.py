@@ -51,7 +51,8 @@ def simulate(
 ) -> None:
     """Run a federated simulation on Flower's simulation engine (Ray), as `flwr run .` does."""
     from zk0.config import ConfigError, RunConfig
-    from zk0.data import DatasetError, locate
+    from zk0.data import DatasetError, open_metadata
+    from zk0.policy import ModelUnavailable, require_model
     from zk0.registry import RegistryError, default_pyproject, load_registry
 
     app_dir = default_pyproject().parent
@@ -62,9 +63,10 @@ def simulate(
         fused = get_fused_config_from_dir(app_dir, overrides)
         cfg = RunConfig.from_run_config(fused)
         registry = load_registry(cfg.datasets)
+        require_model(cfg.model_name)
         for entry in (*registry.clients, *registry.server_eval):
-            locate(entry)  # generate embedded datasets once, before clients start
-    except (ConfigError, RegistryError, DatasetError) as err:
+            open_metadata(entry)  # reachable? (embedded ones are generated here, once, before clients start)
+    except (ConfigError, RegistryError, DatasetError, ModelUnavailable) as err:
         _fail(err)
     n = num_clients or len(registry.clients)
     if n > len(registry.clients):

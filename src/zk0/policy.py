@@ -63,13 +63,19 @@ def build_policy(cfg: RunConfig) -> SmolVLAPolicy:
     return policy.to(device)
 
 
-def _load_pretrained(name: str, device: torch.device) -> SmolVLAPolicy:
-    """Load a pretrained SmolVLA, failing within seconds with one line when it is unreachable."""
-    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+def require_model(name: str) -> None:
+    """Fail within seconds, with one line, unless ``name`` is tiny, a local folder or a reachable hub model."""
+    if name == TINY or Path(name).expanduser().is_dir():
+        return
+    if name.startswith(("/", ".", "~")):
         raise ModelUnavailable(f"model folder {name!r} does not exist: pass a folder saved by "
                                "SmolVLAPolicy.save_pretrained, a hub id, or model-name=\"tiny\"")
-    if not Path(name).is_dir():
-        _require_hub_model(name)
+    _require_hub_model(name)
+
+
+def _load_pretrained(name: str, device: torch.device) -> SmolVLAPolicy:
+    """Load a pretrained SmolVLA, failing within seconds with one line when it is unreachable."""
+    require_model(name)
     try:
         return SmolVLAPolicy.from_pretrained(name, device=device.type)
     except (OSError, ValueError) as err:
@@ -92,7 +98,9 @@ def _require_hub_model(repo_id: str) -> None:
                                "set: download it on a connected machine or use model-name=\"tiny\"")
     try:
         HfApi().model_info(repo_id, timeout=5)
-    except (HfHubHTTPError, OSError, ValueError) as err:
+    except Exception as err:  # HTTP, DNS, TLS, validation: any failure means we cannot load it
+        if isinstance(err, HfHubHTTPError) and getattr(err.response, "status_code", None) == 404:
+            raise ModelUnavailable(f"model {repo_id!r} does not exist on the Hugging Face hub") from None
         raise ModelUnavailable(f"model {repo_id!r} is unreachable on the Hugging Face hub "
                                f"({type(err).__name__}); check the network or use model-name=\"tiny\"") from None
 
