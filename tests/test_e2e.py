@@ -106,3 +106,9 @@ def test_zk0_simulate_fails_fast_on_an_unreachable_hub_model(tmp_path):
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
     assert "lerobot/smolvla_base" in line and "HF_HUB_OFFLINE" in line
+
+
+def test_zk0_simulate_refuses_fewer_clients_than_the_minimum(tmp_path):
+    proc = subprocess.run([str(BIN / "zk0"), "simulate", "--num-clients", "1", "--output", str(tmp_path)],
+                          env=env_for(tmp_path), timeout=60, capture_output=True, text=True)
+    assert proc.returncode == 1 and "min-train-nodes=2" in proc.stderr

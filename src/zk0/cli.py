@@ -71,6 +71,9 @@ def simulate(
     n = num_clients or len(registry.clients)
     if n > len(registry.clients):
         _fail(RegistryError(f"--num-clients {n} exceeds the {len(registry.clients)} clients of profile {cfg.datasets!r}"))
+    if n < max(cfg.min_train_nodes, cfg.min_evaluate_nodes):
+        _fail(ConfigError(f"--num-clients {n} is below min-train-nodes={cfg.min_train_nodes} / min-evaluate-nodes="
+                          f"{cfg.min_evaluate_nodes}: the server would wait for clients that never come"))
     before = set(Path(cfg.output_dir).glob("*")) if Path(cfg.output_dir).exists() else set()
     _run_simulation(app_dir, fused, n)
     created = sorted(set(Path(cfg.output_dir).glob("*")) - before)
