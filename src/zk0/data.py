@@ -119,15 +119,14 @@ def open_split(entry: DatasetEntry, policy_cfg: SmolVLAConfig, held_out_fraction
     meta = open_metadata(entry)
     check_schema(entry, meta, policy_cfg)
     train_eps, held_eps = split_episodes(meta.total_episodes, held_out_fraction, seed)
-    return DatasetSplit(entry, meta, _load(entry, meta, policy_cfg, train_eps), _load(entry, meta, policy_cfg, held_eps))
+    return DatasetSplit(entry, meta, _load(meta, policy_cfg, train_eps), _load(meta, policy_cfg, held_eps))
 
 
-def _load(entry: DatasetEntry, meta: LeRobotDatasetMetadata, policy_cfg: SmolVLAConfig,
-          episodes: list[int] | None = None) -> LeRobotDataset:
+def _load(meta: LeRobotDatasetMetadata, policy_cfg: SmolVLAConfig, episodes: list[int] | None = None) -> LeRobotDataset:
     """The dataset (or some of its episodes) with action chunks of the policy's length."""
-    repo_id, root = locate(entry)
     delta = {ACTION: [i / meta.fps for i in range(policy_cfg.chunk_size)]}
-    return LeRobotDataset(repo_id, root=root, episodes=episodes, delta_timestamps=delta, video_backend="pyav")
+    return LeRobotDataset(meta.repo_id, root=meta.root, episodes=episodes, delta_timestamps=delta,
+                          video_backend="pyav")
 
 
 def vector_stats(dataset: LeRobotDataset) -> dict[str, dict[str, np.ndarray]]:
@@ -157,7 +156,7 @@ def open_full(entry: DatasetEntry, policy_cfg: SmolVLAConfig) -> LeRobotDataset:
     """All episodes of an evaluation dataset (unseen task: nothing of it is trained on)."""
     meta = open_metadata(entry)
     check_schema(entry, meta, policy_cfg)
-    return _load(entry, meta, policy_cfg)
+    return _load(meta, policy_cfg)
 
 
 def rename_cameras(batch: dict, cameras: dict[str, str]) -> dict:

@@ -86,12 +86,15 @@ class RoundEnd:
 
     def __call__(self, server_round: int, arrays) -> MetricRecord | None:
         last = server_round == self.cfg.num_server_rounds
-        load_trainable(self.policy, self.strategy.master)
+        evaluating = server_round % self.cfg.eval_every == 0 or last
+        checkpointing = server_round > 0 and (server_round % self.cfg.checkpoint_interval == 0 or last)
+        if evaluating or checkpointing:
+            load_trainable(self.policy, self.strategy.master)
         metrics = {}
         if server_round == 0:  # Flower evaluates clients after rounds only; round 0 is the baseline
             messages = self.strategy.configure_evaluate(0, arrays, ConfigRecord(), self.grid)
             self.strategy.aggregate_evaluate(0, self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
-        if server_round % self.cfg.eval_every == 0 or last:
+        if evaluating:
             metrics = self.evaluate(server_round)
         self.tracker.log({"round": server_round, "source": "server", "event": "round",
                           "bytes-down": self.strategy.bytes_down, "bytes-up": self.strategy.bytes_up,
@@ -99,7 +102,7 @@ class RoundEnd:
         self.strategy.bytes_down = self.strategy.bytes_up = 0
         self.started = time.monotonic()
         summary = self.tracker.round_summary(server_round)
-        if server_round and (server_round % self.cfg.checkpoint_interval == 0 or last):
+        if checkpointing:
             card = model_card(self.cfg, self.registry, server_round, summary, self.strategy.fingerprint)
             save_checkpoint(self.run.checkpoint(server_round), self.policy, self.stats, card)
         log(INFO, "%s", progress_line(server_round, self.cfg.num_server_rounds, summary))

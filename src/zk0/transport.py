@@ -16,17 +16,21 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-DTYPES = ("bf16", "fp32")
+from zk0.config import TRANSPORT_DTYPES as DTYPES
 
 
 class PayloadError(ValueError):
     """A payload that cannot be trusted: wrong digest, names, shapes or values."""
 
 
-def encode(tensors: Mapping[str, torch.Tensor], dtype: str) -> ArrayRecord:
-    """Encode named tensors for transport in ``dtype`` (``bf16`` or ``fp32``)."""
+def _check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"transport-dtype must be one of {DTYPES}, got {dtype!r}")
+
+
+def encode(tensors: Mapping[str, torch.Tensor], dtype: str) -> ArrayRecord:
+    """Encode named tensors for transport in ``dtype`` (``bf16`` or ``fp32``)."""
+    _check_dtype(dtype)
     arrays = OrderedDict()
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu")
@@ -37,8 +41,7 @@ def encode(tensors: Mapping[str, torch.Tensor], dtype: str) -> ArrayRecord:
 
 def decode(record: ArrayRecord, dtype: str) -> dict[str, torch.Tensor]:
     """Decode a payload to fp32 tensors; the inverse of :func:`encode`."""
-    if dtype not in DTYPES:
-        raise ValueError(f"transport-dtype must be one of {DTYPES}, got {dtype!r}")
+    _check_dtype(dtype)
     expected = np.dtype(np.int16 if dtype == "bf16" else np.float32)
     out = {}
     for name, array in record.items():
