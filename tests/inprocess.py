@@ -2,7 +2,8 @@
 
 It does what the simulation runtime does for a message: gives each node its own
 Context (partition id, run config), calls the ClientApp and turns an exception into an
-error reply. ``intercept`` lets a test alter replies in transit (e.g. tamper a payload).
+error reply. ``intercept`` lets a test alter replies in transit (e.g. tamper a payload), drop
+them (return ``None``: the node never answers) or crash the server (raise).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class InProcessGrid(Grid):
     """Nodes ``101, 102, …`` are partitions ``0, 1, …`` of a simulated federation."""
 
     def __init__(self, client_app: ClientApp, run_config: dict, num_nodes: int, run_id: int | None = None,
-                 intercept: Callable[[Message], Message] | None = None) -> None:
+                 intercept: Callable[[Message], Message | None] | None = None) -> None:
         run_id = next(_RUN_IDS) if run_id is None else run_id
         self.run_id = run_id
         self.client_app = client_app
@@ -68,5 +69,6 @@ class InProcessGrid(Grid):
                 reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as err:  # the simulation runtime turns ClientApp exceptions into error replies
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-            replies.append(self.intercept(reply))
+            if (reply := self.intercept(reply)) is not None:
+                replies.append(reply)
         return replies

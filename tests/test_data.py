@@ -107,7 +107,7 @@ def test_open_split_other_seed_same_partition_rules(entry, policy_cfg):
 
 
 def test_batches_have_action_chunks(split):
-    batch = next(data.batches(split.train, 4, seed=0, cameras={}))
+    batch = next(data.batches(data.train_loader(split.train, 4), seed=0, cameras={}))
     assert batch["action"].shape == (4, CHUNK, 6)
     assert batch["action_is_pad"].shape == (4, CHUNK)
     assert batch["action_is_pad"].dtype == torch.bool
@@ -117,8 +117,10 @@ def test_batches_have_action_chunks(split):
 
 
 def test_batches_seeded_and_endless(split):
+    loader = data.train_loader(split.train, 4)  # one resident loader, reseeded per stream
+
     def order(seed, n):
-        stream = data.batches(split.train, 4, seed=seed, cameras={})
+        stream = data.batches(loader, seed=seed, cameras={})
         return [int(i) for _ in range(n) for i in next(stream)["index"]]
 
     # more batches than one pass over the training frames: the stream goes on
@@ -131,7 +133,7 @@ def test_batches_seeded_and_endless(split):
 
 def test_batches_rename_cameras(split):
     cams = {"observation.images.front": "observation.images.top"}
-    batch = next(data.batches(split.train, 2, seed=0, cameras=cams))
+    batch = next(data.batches(data.train_loader(split.train, 2), seed=0, cameras=cams))
     assert "observation.images.top" in batch and "observation.images.front" not in batch
 
 

@@ -50,7 +50,7 @@ def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def train(policy, processors, split, *, steps=3, lr=1e-3, mu=0.0, clip=10.0, seed=0) -> TrainResult:
     torch.manual_seed(seed)
-    return train_steps(policy, processors[0], data.batches(split.train, BATCH, seed, {}), steps=steps, lr=lr,
+    return train_steps(policy, processors[0], data.batches(data.train_loader(split.train, BATCH), seed, {}), steps=steps, lr=lr,
                        mu=mu, grad_clip_norm=clip)
 
 

@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -36,6 +37,20 @@ class RunFolder:
         root.mkdir(parents=True, exist_ok=False)
         return cls(root)
 
+    @classmethod
+    def existing(cls, path: str) -> RunFolder:
+        """A run folder made by an earlier run (to resume it)."""
+        root = Path(path).expanduser().resolve()
+        if not (root / STATE_FILE).is_file():
+            raise ResumeError(f"{root} has no {STATE_FILE}: not a zk0 run folder, or no round was completed; "
+                              "start a new run instead")
+        return cls(root)
+
+    def add_flower_run(self, run_id: int) -> None:
+        """Record which Flower runs wrote here (a resumed run has a new id): `zk0 status` maps them."""
+        with (self.root / "flower-runs.txt").open("a") as f:
+            f.write(f"{run_id}\n")
+
     def checkpoint(self, server_round: int) -> Path:
         return self.root / "checkpoints" / f"round_{server_round}"
 
@@ -44,6 +59,47 @@ class RunFolder:
         doc = {"run-config": cfg.to_run_config(), "datasets": _registry_doc(registry),
                "base-fingerprint": fingerprint, "versions": versions()}
         (self.root / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+class ResumeError(RuntimeError):
+    """A run cannot be resumed from the given folder (missing or mismatched server state)."""
+
+
+STATE_FILE = "server_state.pt"
+RESUME_FREE_KEYS = ("resume-from", "output-dir", "round-timeout", "use-wandb", "num-workers")
+
+
+@dataclass
+class ServerState:
+    """Everything the server needs to continue after ``server_round`` as if it had never stopped."""
+
+    server_round: int
+    master: dict[str, torch.Tensor]
+    norm_stats: str
+    run_config: dict
+    fingerprint: str
+    python_rng: tuple
+    torch_rng: torch.Tensor
+
+    def save(self, run: RunFolder) -> None:
+        """Write atomically: a crash while saving leaves the previous round's state intact."""
+        tmp = run.root / f".{STATE_FILE}.tmp"
+        torch.save(asdict(self), tmp)
+        os.replace(tmp, run.root / STATE_FILE)
+
+    @classmethod
+    def load(cls, run: RunFolder, cfg: RunConfig, fingerprint: str) -> ServerState:
+        """The saved state, refused when the run config or the frozen base changed since."""
+        state = cls(**torch.load(run.root / STATE_FILE, weights_only=True))
+        now = cfg.to_run_config()
+        changed = sorted(k for k in now.keys() | state.run_config.keys()
+                         if k not in RESUME_FREE_KEYS and now.get(k) != state.run_config.get(k))
+        if changed:
+            raise ResumeError(f"cannot resume {run.root.name}: run-config {', '.join(changed)} differ from the "
+                              "saved run; resume with the run's own config (zk0 run/simulate --resume does)")
+        if fingerprint != state.fingerprint:
+            raise ResumeError(f"cannot resume {run.root.name}: the frozen base differs from the saved run's")
+        return state
 
 
 def versions() -> dict[str, str]:

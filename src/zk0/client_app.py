@@ -16,7 +16,8 @@ from lerobot.policies.factory import make_pre_post_processors
 
 from zk0 import transport
 from zk0.config import RunConfig
-from zk0.data import DatasetSplit, batches, decode_stats, encode_stats, eval_batches, open_split, vector_stats
+from zk0.data import (DatasetSplit, batches, decode_stats, encode_stats, eval_batches, open_split, train_loader,
+                      vector_stats)
 from zk0.evaluate import evaluate_policy
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_shapes, trainable_state
 from zk0.registry import DatasetEntry, load_registry
@@ -36,7 +37,7 @@ class ClientRuntime:
     split: DatasetSplit
     fingerprint: str
     shapes: dict[str, tuple[int, ...]]
-    stream: object
+    loader: torch.utils.data.DataLoader
     processors: dict[str, tuple] = field(default_factory=dict)
 
     def pre_post(self, norm_stats: str) -> tuple:
@@ -68,9 +69,9 @@ def runtime(context: Context) -> ClientRuntime:
         partition_id, entry = dataset_entry(cfg, context)
         policy = build_policy(cfg)
         split = open_split(entry, policy.config, cfg.held_out_fraction, cfg.split_seed)
-        stream = batches(split.train, cfg.batch_size, cfg.seed + max(partition_id, 0), entry.cameras, cfg.num_workers)
         _RUNTIMES[key] = ClientRuntime(cfg, partition_id, policy, split, base_fingerprint(policy),
-                                       trainable_shapes(policy), stream)
+                                       trainable_shapes(policy), train_loader(split.train, cfg.batch_size,
+                                                                              cfg.num_workers))
     return _RUNTIMES[key]
 
 
@@ -107,14 +108,17 @@ def train(msg: Message, context: Context) -> Message:
     rt = runtime(context)
     weights, config = receive_global(rt, msg)
     pre, _ = rt.pre_post(str(config["norm-stats"]))
-    torch.manual_seed(rt.cfg.seed + 1000 * int(config["server-round"]) + rt.partition_id)  # flow-matching noise
-    result = train_steps(rt.policy, pre, rt.stream, steps=rt.cfg.local_steps, lr=float(config["lr"]),
+    round_seed = rt.cfg.seed + 1000 * int(config["server-round"]) + rt.partition_id
+    torch.manual_seed(round_seed)  # flow-matching noise
+    stream = batches(rt.loader, round_seed, rt.split.entry.cameras)
+    result = train_steps(rt.policy, pre, stream, steps=rt.cfg.local_steps, lr=float(config["lr"]),
                          mu=float(config["proximal-mu"]), grad_clip_norm=rt.cfg.grad_clip_norm)
     update = {n: p.detach().cpu().float() - weights[n] for n, p in trainable_state(rt.policy).items()}
     arrays = transport.encode(update, rt.cfg.transport_dtype)
     metrics = MetricRecord({"train-loss": result.loss, "proximal": result.proximal, "grad-norm": result.grad_norm,
                             "steps": result.steps, "lr": float(config["lr"]), "num-examples": result.frames})
-    payload = ConfigRecord({**payload_config(arrays, rt.fingerprint, rt.cfg.transport_dtype), **about(rt)})
+    payload = ConfigRecord({**payload_config(arrays, rt.fingerprint, rt.cfg.transport_dtype), **about(rt),
+                            "server-round": int(config["server-round"])})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "payload": payload}), reply_to=msg)
 
 
@@ -130,4 +134,5 @@ def evaluate(msg: Message, context: Context) -> Message:
                              seed=rt.cfg.seed)
     metrics = MetricRecord({"eval-loss": result["loss"], "eval-action-mae": result["action_mae"],
                             "num-examples": int(result["frames"])})
-    return Message(RecordDict({"metrics": metrics, "payload": ConfigRecord(about(rt))}), reply_to=msg)
+    payload = ConfigRecord({**about(rt), "server-round": int(config["server-round"])})
+    return Message(RecordDict({"metrics": metrics, "payload": payload}), reply_to=msg)

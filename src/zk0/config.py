@@ -57,6 +57,7 @@ class RunConfig:
     output_dir: str = "outputs"
     use_wandb: bool = False
     wandb_project: str = "zk0"
+    resume_from: str = ""
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:

@@ -164,13 +164,20 @@ def rename_cameras(batch: dict, cameras: dict[str, str]) -> dict:
     return {cameras.get(k, k): v for k, v in batch.items()} if cameras else batch
 
 
-def batches(dataset: LeRobotDataset, batch_size: int, seed: int, cameras: dict[str, str],
-            num_workers: int = 0) -> Iterator[dict]:
-    """An endless, seeded stream of shuffled training batches (re-shuffled every pass)."""
-    generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=False,
-                                         generator=generator, num_workers=num_workers,
-                                         persistent_workers=num_workers > 0)
+def train_loader(dataset: LeRobotDataset, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """A shuffling loader with its own generator, kept resident by the client across rounds."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=False,
+                                       generator=torch.Generator(), num_workers=num_workers,
+                                       persistent_workers=num_workers > 0)
+
+
+def batches(loader: torch.utils.data.DataLoader, seed: int, cameras: dict[str, str]) -> Iterator[dict]:
+    """An endless stream of shuffled batches whose order depends on ``seed`` only.
+
+    Clients reseed it every round (from seed, round and partition), so a resumed run sees
+    the very batches an uninterrupted one would have seen.
+    """
+    loader.generator.manual_seed(seed)
     while True:
         for batch in loader:
             yield rename_cameras(batch, cameras)

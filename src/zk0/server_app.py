@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import random
 import time
-from logging import INFO
+from logging import INFO, WARNING
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from lerobot.policies.factory import make_pre_post_processors
 
-from zk0.checkpoint import RunFolder, model_card, save_checkpoint
+from zk0.audit import AuditLog
+from zk0.checkpoint import RunFolder, ServerState, model_card, save_checkpoint
 from zk0.config import RunConfig
 from zk0.data import decode_stats, eval_batches, open_full, pool_stats
 from zk0.evaluate import evaluate_policy
@@ -27,22 +28,25 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run ``num-server-rounds`` rounds and leave everything in the run folder."""
+    """Run (or resume) ``num-server-rounds`` rounds and leave everything in the run folder."""
     cfg = RunConfig.from_run_config(context.run_config)
-    random.seed(cfg.seed)  # Flower samples nodes with the random module
     registry = load_registry(cfg.datasets)
     policy = build_policy(cfg)
     fingerprint = base_fingerprint(policy)
-    run = RunFolder.create(cfg.output_dir, cfg.strategy, context.run_id)
-    run.write_config(cfg, registry, fingerprint)
-    log(INFO, "zk0 run folder: %s", run.root)
-    tracker = Tracker(run.root, cfg)
+    run, state = open_run(cfg, registry, fingerprint, context.run_id)
+    tracker = Tracker(run.root, cfg, resume_after=state.server_round if state else None)
+    audit = AuditLog(run.root)
     try:
-        norm_stats = gather_norm_stats(grid, cfg)
-        strategy = SmolVLAStrategy(cfg, trainable_state(policy), fingerprint, norm_stats, tracker.log)
-        round_end = RoundEnd(cfg, registry, run, policy, strategy, tracker, grid)
-        strategy.start(grid, strategy.encoded_master(), cfg.num_server_rounds, timeout=cfg.round_timeout,
-                       evaluate_fn=round_end)
+        if state:
+            random.setstate(state.python_rng)
+            torch.set_rng_state(state.torch_rng)
+            master, norm_stats, first = state.master, state.norm_stats, state.server_round + 1
+        else:
+            random.seed(cfg.seed)  # Flower samples nodes with the random module
+            master, norm_stats, first = trainable_state(policy), gather_norm_stats(grid, cfg, audit), 0
+        strategy = SmolVLAStrategy(cfg, master, fingerprint, norm_stats, tracker.log, audit)
+        round_end = RoundEnd(cfg, registry, run, policy, strategy, tracker)
+        run_rounds(grid, cfg, strategy, round_end, first)
     finally:
         tracker.close()
         write_charts(run.root)
@@ -51,7 +55,66 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "zk0 run folder: %s", run.root)
 
 
-def gather_norm_stats(grid: Grid, cfg: RunConfig) -> str:
+def open_run(cfg: RunConfig, registry: Registry, fingerprint: str, run_id: int) -> tuple[RunFolder, ServerState | None]:
+    """A new run folder, or the one named by ``resume-from`` with its saved server state."""
+    state = None
+    if cfg.resume_from:
+        run = RunFolder.existing(cfg.resume_from)
+        state = ServerState.load(run, cfg, fingerprint)
+        log(INFO, "zk0 resuming %s after round %d of %d", run.root, state.server_round, cfg.num_server_rounds)
+    else:
+        run = RunFolder.create(cfg.output_dir, cfg.strategy, run_id)
+        run.write_config(cfg, registry, fingerprint)
+        log(INFO, "zk0 run folder: %s", run.root)
+    run.add_flower_run(run_id)
+    return run, state
+
+
+def run_rounds(grid: Grid, cfg: RunConfig, strategy: SmolVLAStrategy, round_end: RoundEnd, first: int) -> None:
+    """Rounds ``first..num-server-rounds``: train, federated evaluation, server evaluation, save state.
+
+    Round 0 (``first == 0``, a new run) only evaluates the initial model on clients and server:
+    the baseline every later round is compared with.
+    """
+    if first == 0:
+        exchange(grid, cfg, 0, "evaluate", strategy.configure_evaluate(0, strategy.encoded_master(), ConfigRecord(),
+                                                                        grid), strategy)
+        round_end(0)
+        save_state(0, cfg, strategy, round_end.run)
+    for server_round in range(max(first, 1), cfg.num_server_rounds + 1):
+        log(INFO, "zk0 round %d/%d", server_round, cfg.num_server_rounds)
+        exchange(grid, cfg, server_round, "train",
+                 strategy.configure_train(server_round, strategy.encoded_master(), ConfigRecord(), grid), strategy)
+        exchange(grid, cfg, server_round, "evaluate",
+                 strategy.configure_evaluate(server_round, strategy.encoded_master(), ConfigRecord(), grid), strategy)
+        round_end(server_round)
+        save_state(server_round, cfg, strategy, round_end.run)
+
+
+def save_state(server_round: int, cfg: RunConfig, strategy: SmolVLAStrategy, run: RunFolder) -> None:
+    """The state a resumed run continues from (after the last completed round)."""
+    ServerState(server_round, strategy.master, strategy.norm_stats, cfg.to_run_config(), strategy.fingerprint,
+                random.getstate(), torch.get_rng_state()).save(run)
+
+
+def exchange(grid: Grid, cfg: RunConfig, server_round: int, phase: str, messages, strategy: SmolVLAStrategy) -> None:
+    """Send one phase's messages, wait up to ``round-timeout``, log who never answered, aggregate."""
+    messages = list(messages)
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else []
+    missing = sorted({m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies})
+    for node in missing:
+        log(WARNING, "round %d: node %s sent no %s reply within round-timeout=%.0fs", server_round, node, phase,
+            cfg.round_timeout)
+        strategy.audit.missing(server_round, phase, node, cfg.round_timeout)
+        strategy.on_event({"round": server_round, "source": "server", "event": "missing-reply", "phase": phase,
+                           "node": node})
+    if phase == "train":
+        strategy.aggregate_train(server_round, replies)
+    elif messages:
+        strategy.aggregate_evaluate(server_round, replies)
+
+
+def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog) -> str:
     """Ask every client for its training-episode stats and pool them (one shared normalisation)."""
     deadline = time.monotonic() + cfg.round_timeout
     needed = max(cfg.min_train_nodes, 1)
@@ -64,9 +127,11 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig) -> str:
     stats = []
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
         if reply.has_error():
-            log(INFO, "node %s could not report dataset stats: %s", reply.metadata.src_node_id, reply.error.reason)
+            log(WARNING, "node %s could not report dataset stats: %s", reply.metadata.src_node_id, reply.error.reason)
+            audit.received(0, "query", reply, accepted=False, reason=reply.error.reason)
         else:
             stats.append(str(reply.content["stats"]["norm-stats"]))
+            audit.received(0, "query", reply, accepted=True)
     if len(stats) < needed:
         raise RoundFailed(f"{len(stats)} of {len(nodes)} clients reported dataset stats; need {needed}")
     return pool_stats(stats)
@@ -76,26 +141,22 @@ class RoundEnd:
     """Called by the strategy after each round (and at round 0): evaluate, checkpoint, report."""
 
     def __init__(self, cfg: RunConfig, registry: Registry, run: RunFolder, policy, strategy: SmolVLAStrategy,
-                 tracker: Tracker, grid: Grid) -> None:
+                 tracker: Tracker) -> None:
         self.cfg, self.registry, self.run, self.policy = cfg, registry, run, policy
-        self.strategy, self.tracker, self.grid = strategy, tracker, grid
+        self.strategy, self.tracker = strategy, tracker
         self.stats = decode_stats(strategy.norm_stats)
         self.pre, self.post = make_pre_post_processors(policy.config, dataset_stats=self.stats)
         self.eval_sets = [(e, open_full(e, policy.config)) for e in registry.server_eval]
         self.started = time.monotonic()
 
-    def __call__(self, server_round: int, arrays) -> MetricRecord | None:
+    def __call__(self, server_round: int) -> None:
         last = server_round == self.cfg.num_server_rounds
         evaluating = server_round % self.cfg.eval_every == 0 or last
         checkpointing = server_round > 0 and (server_round % self.cfg.checkpoint_interval == 0 or last)
         if evaluating or checkpointing:
             load_trainable(self.policy, self.strategy.master)
-        metrics = {}
-        if server_round == 0:  # Flower evaluates clients after rounds only; round 0 is the baseline
-            messages = self.strategy.configure_evaluate(0, arrays, ConfigRecord(), self.grid)
-            self.strategy.aggregate_evaluate(0, self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
         if evaluating:
-            metrics = self.evaluate(server_round)
+            self.evaluate(server_round)
         self.tracker.log({"round": server_round, "source": "server", "event": "round",
                           "bytes-down": self.strategy.bytes_down, "bytes-up": self.strategy.bytes_up,
                           "seconds": round(time.monotonic() - self.started, 2)})
@@ -106,20 +167,13 @@ class RoundEnd:
             card = model_card(self.cfg, self.registry, server_round, summary, self.strategy.fingerprint)
             save_checkpoint(self.run.checkpoint(server_round), self.policy, self.stats, card)
         log(INFO, "%s", progress_line(server_round, self.cfg.num_server_rounds, summary))
-        return MetricRecord(metrics) if metrics else None
 
     @torch.no_grad()
-    def evaluate(self, server_round: int) -> dict[str, float]:
-        """Server evaluation on the unseen-task datasets; returns the means over datasets."""
-        results = []
+    def evaluate(self, server_round: int) -> None:
+        """Server evaluation on the unseen-task datasets."""
         for entry, dataset in self.eval_sets:
             res = evaluate_policy(self.policy, self.pre, self.post,
                                   eval_batches(dataset, self.cfg.batch_size, self.cfg.eval_batches, entry.cameras),
                                   seed=self.cfg.seed)
             self.tracker.log({"round": server_round, "source": "server", "dataset": entry.name,
                               "eval-loss": res["loss"], "eval-action-mae": res["action_mae"]})
-            results.append(res)
-        if not results:
-            return {}
-        return {"eval-loss": sum(r["loss"] for r in results) / len(results),
-                "eval-action-mae": sum(r["action_mae"] for r in results) / len(results)}

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from zk0 import transport
+from zk0.audit import AuditLog
 from zk0.config import RunConfig
 
 Event = Callable[[dict], None]
@@ -58,7 +59,7 @@ class SmolVLAStrategy(FedAvg):
     """FedProx (or FedAvg, ``mu = 0``) over SmolVLA's trainable tensors."""
 
     def __init__(self, cfg: RunConfig, master: dict[str, torch.Tensor], fingerprint: str,
-                 norm_stats: str, on_event: Event) -> None:
+                 norm_stats: str, on_event: Event, audit: AuditLog) -> None:
         super().__init__(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                          min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
                          min_available_nodes=max(cfg.min_train_nodes, cfg.min_evaluate_nodes, 1))
@@ -68,6 +69,7 @@ class SmolVLAStrategy(FedAvg):
         self.fingerprint = fingerprint
         self.norm_stats = norm_stats
         self.on_event = on_event
+        self.audit = audit
         self.bytes_down = self.bytes_up = 0
 
     def encoded_master(self) -> ArrayRecord:
@@ -87,7 +89,7 @@ class SmolVLAStrategy(FedAvg):
         config["lr"] = round_lr(self.cfg, server_round)
         config["proximal-mu"] = self.cfg.effective_mu
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.bytes_down += transport.nbytes(arrays) * len(messages)
+        self._sent(server_round, "train", arrays, messages)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -96,8 +98,13 @@ class SmolVLAStrategy(FedAvg):
         if server_round % self.cfg.eval_every and server_round != self.cfg.num_server_rounds:
             return []
         messages = list(super().configure_evaluate(server_round, arrays, self._round_config(config, arrays), grid))
-        self.bytes_down += transport.nbytes(arrays) * len(messages)
+        self._sent(server_round, "evaluate", arrays, messages)
         return messages
+
+    def _sent(self, server_round: int, phase: str, arrays: ArrayRecord, messages: list[Message]) -> None:
+        self.bytes_down += transport.nbytes(arrays) * len(messages)
+        for message in messages:
+            self.audit.sent(server_round, phase, message)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -107,14 +114,16 @@ class SmolVLAStrategy(FedAvg):
             try:
                 update, weight = self._verified_update(reply)
             except (transport.PayloadError, KeyError, TypeError) as err:
-                self._reject(server_round, reply, str(err))
+                self._reject(server_round, "train", reply, str(err))
                 continue
             accepted.append((reply, update, weight))
+            self.audit.received(server_round, "train", reply, accepted=True)
             self._client_event(server_round, "client", reply)
         if len(accepted) < max(1, self.cfg.min_train_nodes):
             raise RoundFailed(f"round {server_round}: {len(accepted)} valid update(s), fewer than "
                               f"min-train-nodes={self.cfg.min_train_nodes}; stopping rather than "
                               "aggregating too few clients")
+        accepted.sort(key=lambda item: _sender(item[0]))  # a fixed summation order: same inputs, same bits
         total = sum(weight for _, _, weight in accepted)
         for name in self.master:
             self.master[name] += sum(update[name] * (weight / total) for _, update, weight in accepted)
@@ -143,11 +152,12 @@ class SmolVLAStrategy(FedAvg):
             raise transport.PayloadError(f"num-examples must be > 0, got {weight}")
         return update, weight
 
-    def _reject(self, server_round: int, reply: Message, reason: str) -> None:
+    def _reject(self, server_round: int, phase: str, reply: Message, reason: str) -> None:
         node = reply.metadata.src_node_id
-        log(WARNING, "round %d: rejected update from node %s: %s", server_round, node, reason)
+        log(WARNING, "round %d: rejected %s reply from node %s: %s", server_round, phase, node, reason)
+        self.audit.received(server_round, phase, reply, accepted=False, reason=reason)
         self.on_event({"round": server_round, "source": "server", "event": "rejected-update",
-                       "node": node, "reason": reason})
+                       "phase": phase, "node": node, "reason": reason})
 
     def _client_event(self, server_round: int, source: str, reply: Message) -> None:
         about = reply.content["payload"]
@@ -160,8 +170,15 @@ class SmolVLAStrategy(FedAvg):
         valid = []
         for reply in replies:
             if reply.has_error():
-                self._reject(server_round, reply, f"evaluation failed: {reply.error.reason}")
+                self._reject(server_round, "evaluate", reply, f"client error: {reply.error.reason}")
                 continue
+            self.audit.received(server_round, "evaluate", reply, accepted=True)
             self._client_event(server_round, "client-eval", reply)
             valid.append(RecordDict({"metrics": reply.content["metrics"]}))
         return aggregate_metricrecords(valid, "num-examples") if valid else None
+
+
+def _sender(reply: Message) -> tuple[int, str, int]:
+    """Order replies by partition, dataset and node, whatever order they arrived in."""
+    about = reply.content["payload"]
+    return int(about["partition-id"]), str(about["dataset"]), reply.metadata.src_node_id

@@ -19,9 +19,12 @@ from zk0.config import ConfigError, RunConfig
 class Tracker:
     """Appends metric records to ``metrics.jsonl`` and mirrors them to W&B when enabled."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
+    def __init__(self, run_dir: Path, cfg: RunConfig, resume_after: int | None = None) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.records: list[dict] = []
+        if resume_after is not None:  # keep completed rounds; drop the partial round that crashed
+            self.records = [r for r in read_metrics(self.path) if r["round"] <= resume_after]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self.wandb = _start_wandb(run_dir, cfg) if cfg.use_wandb else None
 
     def log(self, record: dict) -> None:

@@ -1,0 +1,64 @@
+"""``audit.jsonl``: per round and node, what the server sent and what it received.
+
+One JSON object per line with ``round``, ``phase`` (query|train|evaluate), ``node``,
+``direction`` (sent|received|missing), the payload's SHA-256 ``digest`` and ``bytes``
+where there is a payload, and for replies ``status`` (accepted|rejected) and ``reason``.
+It answers, after the fact, which node got which weights and whose update was used.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flwr.app import Message
+
+from zk0 import transport
+
+
+class AuditLog:
+    """Appends one record per message to ``<run>/audit.jsonl``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "audit.jsonl"
+
+    def _write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    def sent(self, server_round: int, phase: str, message: Message) -> None:
+        """A message to a node, with the digest and size of its arrays (if any)."""
+        self._write({"round": server_round, "phase": phase, "node": message.metadata.dst_node_id,
+                     "direction": "sent", **_payload(message)})
+
+    def received(self, server_round: int, phase: str, reply: Message, accepted: bool, reason: str = "") -> None:
+        """A node's reply and whether the server used it."""
+        record = {"round": server_round, "phase": phase, "node": reply.metadata.src_node_id,
+                  "direction": "received", "status": "accepted" if accepted else "rejected"}
+        if not reply.has_error():
+            record |= _payload(reply)
+        if reason:
+            record["reason"] = reason
+        self._write(record)
+
+    def missing(self, server_round: int, phase: str, node: int, timeout: float) -> None:
+        """A node that did not answer within the round timeout (crashed, disconnected, too slow)."""
+        self._write({"round": server_round, "phase": phase, "node": node, "direction": "missing",
+                     "reason": f"no reply within {timeout:.0f}s"})
+
+
+def _payload(message: Message) -> dict:
+    """Digest and size of the message's arrays; the server's own digest is reused for what it sends."""
+    content = message.content
+    if "arrays" not in content.array_records:
+        return {}
+    arrays = content["arrays"]
+    sent_digest = content["config"].get("payload-digest") if "config" in content.config_records else None
+    return {"digest": str(sent_digest or transport.digest(arrays)), "bytes": transport.nbytes(arrays)}
+
+
+def read_audit(run_dir: Path) -> list[dict]:
+    """All records of a run's ``audit.jsonl``."""
+    path = run_dir / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
