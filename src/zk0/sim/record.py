@@ -1,0 +1,129 @@
+"""Expert demonstrations in simulation, written as LeRobotDataset v3.0 folders.
+
+Only successful demonstrations are recorded: a failed expert episode would teach the policy to
+fail. Attempt ``k`` of a recording is simulated from seed ``seed + k``, so a dataset is a
+deterministic function of (task, episodes, seed, image_size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from zk0.sim.env import SimEnv
+from zk0.sim.expert import Expert
+from zk0.sim.scene import CAMERAS, FPS, JOINTS, ROBOT_TYPE, Task, get_task
+
+MAX_ATTEMPTS_FACTOR = 2  # give up when the expert fails more often than it succeeds
+
+
+@dataclass(frozen=True)
+class RecordReport:
+    """What a recording cost and how often the expert succeeded."""
+
+    task: str
+    root: Path
+    attempts: int
+    successes: int
+    frames: int
+    seconds: float
+
+    @property
+    def success_rate(self) -> float:
+        """Share of simulated expert episodes that succeeded (and were recorded)."""
+        return self.successes / self.attempts if self.attempts else 0.0
+
+
+def features(image_size: int) -> dict:
+    """LeRobot feature spec: SO-100/SO-101 joint names (``.pos``), two video cameras."""
+    names = [f"{j}.pos" for j in JOINTS]
+    spec = {
+        "observation.state": {"dtype": "float32", "shape": (len(JOINTS),), "names": names},
+        "action": {"dtype": "float32", "shape": (len(JOINTS),), "names": names},
+    }
+    for cam in CAMERAS:
+        spec[f"observation.images.{cam}"] = {
+            "dtype": "video", "shape": (image_size, image_size, 3),
+            "names": ["height", "width", "channels"]}
+    return spec
+
+
+def demonstrate(env: SimEnv, seed: int) -> tuple[list[dict], bool]:
+    """One expert episode as LeRobot frames (without ``task``), and whether it ended in success."""
+    obs = env.reset(seed)
+    expert = Expert(env.model, env.task, env.spawn)
+    frames = []
+    while not expert.done:
+        action = expert(obs["state"])
+        frames.append(_frame(obs, action))
+        obs = env.step(action)
+    return frames, env.success()
+
+
+def _frame(obs: dict[str, np.ndarray], action: np.ndarray) -> dict:
+    """A LeRobot frame from an environment observation and the action taken from it."""
+    frame = {"observation.state": obs["state"], "action": np.asarray(action, dtype=np.float32)}
+    for cam in CAMERAS:
+        if cam in obs:
+            frame[f"observation.images.{cam}"] = obs[cam]
+    return frame
+
+
+def record(task_name: str, root: Path, episodes: int, seed: int, image_size: int = 96) -> RecordReport:
+    """Write ``episodes`` successful expert demonstrations of ``task_name`` to ``root``.
+
+    The dataset is built in a staging folder next to ``root`` and renamed at the end, so a
+    half-written dataset never appears at ``root``. If another process wrote ``root`` first,
+    its (identical, deterministic) dataset is kept.
+    """
+    task = get_task(task_name)
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        attempts, frames = _write(task, staging / "ds", f"zk0/{root.name}", episodes, seed, image_size)
+        with contextlib.suppress(OSError):  # another process wrote the same dataset first
+            (staging / "ds").rename(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return RecordReport(task.name, root, attempts, episodes, frames, time.perf_counter() - start)
+
+
+def _write(task: Task, folder: Path, repo_id: str, episodes: int, seed: int, image_size: int) -> tuple[int, int]:
+    """Create the dataset in ``folder`` and fill it; returns (attempts, frames)."""
+    from lerobot.configs.video import RGBEncoderConfig
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    dataset = LeRobotDataset.create(repo_id=repo_id, fps=FPS, features=features(image_size), root=folder,
+                                    robot_type=ROBOT_TYPE, use_videos=True, video_backend="pyav",
+                                    rgb_encoder=RGBEncoderConfig(vcodec="h264"))  # quieter than SVT-AV1
+    attempts = successes = frames = 0
+    with SimEnv(task, image_size=image_size) as env:
+        while successes < episodes:
+            if attempts >= MAX_ATTEMPTS_FACTOR * episodes:
+                raise RuntimeError(f"sim task {task.name}: the expert failed {attempts - successes} of {attempts}")
+            demo, ok = demonstrate(env, seed + attempts)
+            attempts += 1
+            if ok:
+                for frame in demo:
+                    dataset.add_frame({**frame, "task": task.instruction})
+                # in-process encoding: forking this large process per episode costs more than
+                # encoding two small videos
+                dataset.save_episode(parallel_encoding=False)
+                successes += 1
+                frames += len(demo)
+    dataset.finalize()
+    return attempts, frames
+
+
+def expert_success_rate(task_name: str, episodes: int = 50, seed: int = 0) -> float:
+    """Share of ``episodes`` seeded expert episodes that succeed, simulated without rendering."""
+    with SimEnv(task_name, render=False) as env:
+        return float(np.mean([demonstrate(env, seed + i)[1] for i in range(episodes)]))
