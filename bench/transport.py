@@ -2,8 +2,9 @@
 
 The older zk0 design shipped every parameter and buffer of the policy in fp32, both ways,
 every round. zk0 now ships only the trainable tensors, in bf16 by default. This benchmark
-builds the real smolvla_base architecture (SmolVLM2-500M backbone, no weights, on the
-meta device) and counts the bytes each scheme puts on the wire, using zk0's own codec.
+builds the real smolvla_base architecture (``model-name="smolvla-size"``: SmolVLM2-500M
+backbone, no weights, on the meta device) and counts the bytes each scheme puts on the
+wire, using zk0's own codec.
 
 Run: ``HF_HUB_OFFLINE=1 python bench/transport.py``. The last line is
 ``bf16_vs_full_fp32=<ratio>``.
@@ -13,68 +14,28 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 try:
-    from zk0 import tiny, transport
+    from zk0 import transport
 except ImportError:  # package not installed: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from zk0 import tiny, transport
+    from zk0 import transport
+from zk0.policy import SMOLVLA_SIZE, local_config
 
 MIB = 2**20
-IMAGE_SIZE = 512
-PATCH_SIZE = 16
-SCALE_FACTOR = 4
-VOCAB_SIZE = 49280  # SmolVLM2-500M's vocabulary, whatever the size of the local tokenizer
-TEXT = {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
-        "num_attention_heads": 15, "num_key_value_heads": 5, "head_dim": 64, "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
-        "tie_word_embeddings": False, "max_position_embeddings": 8192}
-VISION = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-          "num_attention_heads": 12, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}
 
 Shapes = Mapping[str, tuple[int, ...]]
 
 
-def write_vlm_folder(folder: Path) -> None:
-    """Write a SmolVLM2-500M-sized config plus a small processor/tokenizer into ``folder``."""
-    from transformers import (LlamaConfig, SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor,
-                              SmolVLMVideoProcessor)
-    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
-
-    tokenizer = tiny.train_tokenizer()
-    text = LlamaConfig(vocab_size=VOCAB_SIZE, pad_token_id=tokenizer.pad_token_id, **TEXT)
-    config = SmolVLMConfig(
-        text_config=text.to_dict(), vision_config=SmolVLMVisionConfig(**VISION).to_dict(),
-        scale_factor=SCALE_FACTOR,
-        image_token_id=tokenizer.convert_tokens_to_ids(tiny.SPECIAL_TOKENS["image_token"]))
-    image_processor = SmolVLMImageProcessor(
-        do_resize=True, size={"longest_edge": IMAGE_SIZE}, do_image_splitting=False,
-        max_image_size={"longest_edge": IMAGE_SIZE})
-    seq_len = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
-    processor = SmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=SmolVLMVideoProcessor(), image_seq_len=seq_len)
-    config.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
-def build_policy(vlm_folder: Path) -> torch.nn.Module:
-    """smolvla_base's architecture with default freezing, on the meta device (no memory)."""
-    from lerobot.configs.types import FeatureType, PolicyFeature
-    from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+def build_policy() -> torch.nn.Module:
+    """``model-name="smolvla-size"`` (smolvla_base's architecture, default freezing) on the meta device."""
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-    camera = PolicyFeature(type=FeatureType.VISUAL, shape=(3, IMAGE_SIZE, IMAGE_SIZE))
-    config = SmolVLAConfig(
-        vlm_model_name=str(vlm_folder.resolve()), load_vlm_weights=False, device="cpu",
-        input_features={"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(6,)),
-                        "observation.images.front": camera, "observation.images.wrist": camera},
-        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(6,))})
+    config = local_config(SMOLVLA_SIZE, chunk_size=50, device="cpu")  # smolvla_base's chunk size
     # lerobot prints progress ("Reducing the number of VLM layers ...") to stdout: keep it off the report.
     with torch.device("meta"), contextlib.redirect_stdout(sys.stderr):
         return SmolVLAPolicy(config)
@@ -112,9 +73,7 @@ def report(payloads: Mapping[str, int]) -> None:
 def main() -> None:
     """Build the policy, count the three payloads and print the report."""
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="zk0-bench-vlm-") as tmp:
-        write_vlm_folder(Path(tmp))
-        policy = build_policy(Path(tmp))
+    policy = build_policy()
     params = list(policy.named_parameters())
     total = sum(p.numel() for _, p in params)
     trainable = {name: tuple(p.shape) for name, p in params if p.requires_grad}

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT
 
 from zk0.tracking import read_metrics
@@ -112,3 +113,31 @@ def test_zk0_simulate_refuses_fewer_clients_than_the_minimum(tmp_path):
     proc = subprocess.run([str(BIN / "zk0"), "simulate", "--num-clients", "1", "--output", str(tmp_path)],
                           env=env_for(tmp_path), timeout=60, capture_output=True, text=True)
     assert proc.returncode == 1 and "min-train-nodes=2" in proc.stderr
+
+
+def test_zk0_simulate_resumes_a_killed_run(tmp_path):
+    out = tmp_path / "outputs"
+    args = [str(BIN / "zk0"), "simulate", "--num-clients", "2", "--output", str(out), "--run-config",
+            "num-server-rounds=4 local-steps=2 batch-size=4 eval-batches=1"]
+    proc = subprocess.Popen(args, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r.get("event") == "round" and r["round"] == 1
+                      for path in out.glob("*/metrics.jsonl") for r in read_metrics(path)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the simulation never finished round 1"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # Ray's workers die with the session
+        proc.wait(timeout=30)
+    (run_dir,) = out.iterdir()
+    assert torch.load(run_dir / "server_state.pt", weights_only=True)["server_round"] < 4
+    bad = subprocess.run([str(BIN / "zk0"), "simulate", "--resume", str(run_dir), "-c", "lr=0.5"],
+                         env=env_for(tmp_path), timeout=120, capture_output=True, text=True)
+    assert bad.returncode == 1 and "lr cannot change" in bad.stderr
+    done = subprocess.run([str(BIN / "zk0"), "simulate", "--num-clients", "2", "--resume", str(run_dir)],
+                          env=env_for(tmp_path), timeout=400, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = [r["round"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "round"]
+    assert rounds == [0, 1, 2, 3, 4]
+    assert (run_dir / "checkpoints" / "round_4" / "model.safetensors").is_file()

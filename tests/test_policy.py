@@ -9,8 +9,8 @@ import torch
 
 from zk0 import tiny
 from zk0.config import RunConfig
-from zk0.policy import (ModelUnavailable, base_fingerprint, build_policy, load_trainable, resolve_device,
-                        tiny_config, trainable_shapes, trainable_state)
+from zk0.policy import (SMOLVLA_SIZE, ModelUnavailable, base_fingerprint, build_policy, load_trainable,
+                        local_config, require_model, resolve_device, tiny_config, trainable_shapes, trainable_state)
 
 
 def make(seed: int = 42, chunk_size: int = 5):
@@ -92,6 +92,22 @@ def test_load_trainable_rejects_other_names(policy):
     assert dropped in str(err.value)
     with pytest.raises(ValueError, match="extra.weight"):
         load_trainable(policy, {**values, "extra.weight": torch.zeros(1)})
+
+
+def test_smolvla_size_has_smolvla_base_architecture():
+    # Shapes only: on the meta device the 450M parameters take no memory and no init time.
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    require_model(SMOLVLA_SIZE)  # built locally: never looked up on the hub
+    cfg = local_config(SMOLVLA_SIZE, chunk_size=50, device="cpu")
+    assert cfg.num_vlm_layers == 16 and cfg.resize_imgs_with_padding == (512, 512)
+    with torch.device("meta"):
+        policy = SmolVLAPolicy(cfg)
+    vlm = policy.model.vlm_with_expert.vlm
+    assert vlm.config.vision_config.image_size == 512 and len(vlm.model.text_model.layers) == 16
+    total = sum(p.numel() for p in policy.parameters())
+    trainable = sum(p.numel() for p in trainable_state(policy).values())
+    assert 440e6 < total < 460e6 and 95e6 < trainable < 105e6
 
 
 def test_pretrained_hub_model_offline_fails_fast():

@@ -92,8 +92,8 @@ class ServerState:
         """The saved state, refused when the run config or the frozen base changed since."""
         state = cls(**torch.load(run.root / STATE_FILE, weights_only=True))
         now = cfg.to_run_config()
-        changed = sorted(k for k in now.keys() | state.run_config.keys()
-                         if k not in RESUME_FREE_KEYS and now.get(k) != state.run_config.get(k))
+        saved = RunConfig().to_run_config() | state.run_config  # keys added since the run was saved: defaults
+        changed = sorted(k for k in now if k not in RESUME_FREE_KEYS and now[k] != saved.get(k))
         if changed:
             raise ResumeError(f"cannot resume {run.root.name}: run-config {', '.join(changed)} differ from the "
                               "saved run; resume with the run's own config (zk0 run/simulate --resume does)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import tomllib
 from pathlib import Path
@@ -42,43 +43,71 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(1)
 
 
+def preflight(overrides: dict, resume: Path | None, local_clients: bool) -> dict:
+    """Check config, model and datasets in seconds, before Ray or a SuperLink is involved.
+
+    Returns the run-config overrides to submit: ``overrides`` for a new run; for ``resume``,
+    the run's own saved config plus ``resume-from`` (only run-independent keys may change).
+    """
+    from flwr.common.config import get_fused_config_from_dir
+
+    from zk0.checkpoint import RESUME_FREE_KEYS, ResumeError, RunFolder
+    from zk0.config import ConfigError, RunConfig
+    from zk0.data import DatasetError, open_metadata
+    from zk0.policy import ModelUnavailable, require_model
+    from zk0.registry import RegistryError, default_pyproject, load_registry
+
+    try:
+        if resume is not None:
+            run = RunFolder.existing(str(resume))
+            if fixed := sorted(set(overrides) - set(RESUME_FREE_KEYS)):
+                raise ResumeError(f"--resume continues with the run's own config; {', '.join(fixed)} cannot change")
+            saved = json.loads((run.root / "config.json").read_text())["run-config"]
+            overrides = saved | overrides | {"resume-from": str(run.root)}
+        cfg = RunConfig.from_run_config(get_fused_config_from_dir(default_pyproject().parent, overrides))
+        registry = load_registry(cfg.datasets)
+        require_model(cfg.model_name)
+        for entry in (*(registry.clients if local_clients else ()), *registry.server_eval):
+            open_metadata(entry)  # reachable? (embedded ones are generated here, once, before clients start)
+    except (ConfigError, RegistryError, DatasetError, ModelUnavailable, ResumeError) as err:
+        _fail(err)
+    return overrides
+
+
 @app.command()
 def simulate(
     run_config: RunConfigOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder that receives the run folder.")] = Path("outputs"),
     num_clients: Annotated[int | None, typer.Option(
         "--num-clients", "-n", help="Simulated SuperNodes (default: the clients of the registry profile).")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="A run folder to continue from its last completed round, with its own config.")] = None,
 ) -> None:
     """Run a federated simulation on Flower's simulation engine (Ray), as `flwr run .` does."""
+    from flwr.common.config import get_fused_config_from_dir
+
     from zk0.config import ConfigError, RunConfig
-    from zk0.data import DatasetError, open_metadata
-    from zk0.policy import ModelUnavailable, require_model
     from zk0.registry import RegistryError, default_pyproject, load_registry
 
+    overrides = parse_overrides(run_config)
+    if resume is None:
+        overrides["output-dir"] = str(output.expanduser().resolve())
     app_dir = default_pyproject().parent
-    overrides = parse_overrides(run_config) | {"output-dir": str(output.expanduser().resolve())}
-    try:
-        from flwr.common.config import get_fused_config_from_dir
-
-        fused = get_fused_config_from_dir(app_dir, overrides)
-        cfg = RunConfig.from_run_config(fused)
-        registry = load_registry(cfg.datasets)
-        require_model(cfg.model_name)
-        for entry in (*registry.clients, *registry.server_eval):
-            open_metadata(entry)  # reachable? (embedded ones are generated here, once, before clients start)
-    except (ConfigError, RegistryError, DatasetError, ModelUnavailable) as err:
-        _fail(err)
-    n = num_clients or len(registry.clients)
-    if n > len(registry.clients):
-        _fail(RegistryError(f"--num-clients {n} exceeds the {len(registry.clients)} clients of profile {cfg.datasets!r}"))
+    fused = get_fused_config_from_dir(app_dir, preflight(overrides, resume, local_clients=True))
+    cfg = RunConfig.from_run_config(fused)
+    clients = load_registry(cfg.datasets).clients
+    n = num_clients or len(clients)
+    if n > len(clients):
+        _fail(RegistryError(f"--num-clients {n} exceeds the {len(clients)} clients of profile {cfg.datasets!r}"))
     if n < max(cfg.min_train_nodes, cfg.min_evaluate_nodes):
         _fail(ConfigError(f"--num-clients {n} is below min-train-nodes={cfg.min_train_nodes} / min-evaluate-nodes="
                           f"{cfg.min_evaluate_nodes}: the server would wait for clients that never come"))
     before = set(Path(cfg.output_dir).glob("*")) if Path(cfg.output_dir).exists() else set()
     _run_simulation(app_dir, fused, n)
     created = sorted(set(Path(cfg.output_dir).glob("*")) - before)
-    if created:
-        typer.secho(f"run folder: {created[-1]}", fg=typer.colors.GREEN)
+    run_dir = Path(cfg.resume_from) if cfg.resume_from else (created[-1] if created else None)
+    if run_dir is not None:
+        typer.secho(f"run folder: {run_dir}", fg=typer.colors.GREEN)
 
 
 def _run_simulation(app_dir: Path, run_config: dict, num_supernodes: int) -> None:
@@ -94,6 +123,20 @@ def _run_simulation(app_dir: Path, run_config: dict, num_supernodes: int) -> Non
     run(num_supernodes=num_supernodes, server_app_attr="zk0.server_app:app", client_app_attr="zk0.client_app:app",
         backend_config=backend, app_dir=str(app_dir), server_app_context=context, is_app=True,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)
+
+
+def _register_deployment() -> None:
+    from zk0 import cli_deploy
+
+    app.add_typer(cli_deploy.server_app, name="server")
+    app.add_typer(cli_deploy.client_app, name="client")
+    app.command("run")(cli_deploy.submit)
+    app.command("status")(cli_deploy.status)
+    app.command("logs")(cli_deploy.logs)
+    app.command("stop")(cli_deploy.stop_run)
+
+
+_register_deployment()
 
 
 def main() -> None:

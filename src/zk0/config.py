@@ -49,6 +49,8 @@ class RunConfig:
     max_update_norm: float = 1000.0
     eval_every: int = 1
     eval_batches: int = 4
+    sim_eval_every: int = 0
+    sim_eval_episodes: int = 5
     held_out_fraction: float = 0.2
     split_seed: int = 0
     checkpoint_interval: int = 5
@@ -88,11 +90,11 @@ class RunConfig:
         _choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
         _choice("device", self.device, DEVICES)
         for key in ("num-server-rounds", "local-steps", "batch-size", "chunk-size", "eval-every",
-                    "eval-batches", "checkpoint-interval"):
+                    "eval-batches", "checkpoint-interval", "sim-eval-episodes"):
             if getattr(self, key.replace("-", "_")) < 1:
                 raise ConfigError(f"run-config {key!r} must be >= 1, got {getattr(self, key.replace('-', '_'))}")
         for key in ("proximal-mu", "lr", "grad-clip-norm", "warmup-rounds", "min-train-nodes",
-                    "min-evaluate-nodes", "num-workers", "max-update-norm"):
+                    "min-evaluate-nodes", "num-workers", "max-update-norm", "sim-eval-every"):
             if getattr(self, key.replace("-", "_")) < 0:
                 raise ConfigError(f"run-config {key!r} must be >= 0, got {getattr(self, key.replace('-', '_'))}")
         for key in ("fraction-train", "fraction-evaluate", "lr-min-factor"):

@@ -1,9 +1,11 @@
 """Build the SmolVLA policy and split it into what trains and what stays frozen.
 
-``model-name = "tiny"`` builds a randomly initialised SmolVLA on the embedded tiny VLM
-(deterministic from the run seed); any other value is a pretrained SmolVLA, by hub id
-or local folder. Only the trainable tensors travel between server and clients; the
-frozen base is rebuilt on each side and checked through its fingerprint.
+``model-name = "tiny"`` builds a randomly initialised SmolVLA on the embedded tiny VLM and
+``"smolvla-size"`` one with smolvla_base's architecture (SmolVLM2-500M backbone, 16 VLM
+layers, 512-pixel images), both offline and deterministic from the run seed; any other
+value is a pretrained SmolVLA, by hub id or local folder. Only the trainable tensors travel
+between server and clients; the frozen base is rebuilt on each side and checked through its
+fingerprint.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from zk0 import synthetic, tiny
 from zk0.config import RunConfig
 
 TINY = "tiny"
+SMOLVLA_SIZE = "smolvla-size"
+# Locally built models and how many VLM layers SmolVLA keeps (smolvla_base keeps 16).
+LOCAL_MODELS = {TINY: 4, SMOLVLA_SIZE: 16}
 POLICY_FPS = 30  # SO-100/SO-101 recordings and smolvla_base use 30 fps
 
 
@@ -37,26 +42,35 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def tiny_config(chunk_size: int, device: str) -> SmolVLAConfig:
-    """SmolVLA config on the embedded tiny VLM, with the embedded datasets' SO-101 features."""
+def local_config(name: str, chunk_size: int, device: str) -> SmolVLAConfig:
+    """SmolVLA config on the local VLM ``name``, with the embedded datasets' SO-101 features.
+
+    Camera frames are resized (with padding) to the VLM's own image size, as SmolVLA does.
+    """
+    image_size = tiny.VLMS[name].image_size
     spec = synthetic.features(tiny.IMAGE_SIZE)
     inputs = {"observation.state": PolicyFeature(FeatureType.STATE, spec["observation.state"]["shape"])}
     for cam in synthetic.CAMERAS:
         inputs[f"observation.images.{cam}"] = PolicyFeature(FeatureType.VISUAL, (3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE))
     return SmolVLAConfig(
-        vlm_model_name=str(tiny.ensure_tiny_vlm()), load_vlm_weights=False, num_vlm_layers=4,
-        resize_imgs_with_padding=(tiny.IMAGE_SIZE, tiny.IMAGE_SIZE), chunk_size=chunk_size,
+        vlm_model_name=str(tiny.ensure_vlm(name)), load_vlm_weights=False, num_vlm_layers=LOCAL_MODELS[name],
+        resize_imgs_with_padding=(image_size, image_size), chunk_size=chunk_size,
         n_action_steps=chunk_size, input_features=inputs,
         output_features={"action": PolicyFeature(FeatureType.ACTION, spec["action"]["shape"])},
         device=device)
 
 
+def tiny_config(chunk_size: int, device: str) -> SmolVLAConfig:
+    """The tiny policy's config (tests build datasets and processors against it without a policy)."""
+    return local_config(TINY, chunk_size, device)
+
+
 def build_policy(cfg: RunConfig) -> SmolVLAPolicy:
     """The policy named by ``cfg.model_name`` on ``cfg.device``, with SmolVLA's trainable split."""
     device = resolve_device(cfg.device)
-    if cfg.model_name == TINY:
+    if cfg.model_name in LOCAL_MODELS:
         torch.manual_seed(cfg.seed)  # the frozen base must be identical on every node
-        policy = SmolVLAPolicy(tiny_config(cfg.chunk_size, device.type))
+        policy = SmolVLAPolicy(local_config(cfg.model_name, cfg.chunk_size, device.type))
     else:
         policy = _load_pretrained(cfg.model_name, device)
         policy.config.chunk_size = policy.config.n_action_steps = cfg.chunk_size
@@ -64,8 +78,8 @@ def build_policy(cfg: RunConfig) -> SmolVLAPolicy:
 
 
 def require_model(name: str) -> None:
-    """Fail within seconds, with one line, unless ``name`` is tiny, a local folder or a reachable hub model."""
-    if name == TINY or Path(name).expanduser().is_dir():
+    """Fail within seconds, with one line, unless ``name`` is local (built, or a folder) or a reachable hub model."""
+    if name in LOCAL_MODELS or Path(name).expanduser().is_dir():
         return
     if name.startswith(("/", ".", "~")):
         raise ModelUnavailable(f"model folder {name!r} does not exist: pass a folder saved by "

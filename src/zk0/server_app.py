@@ -101,7 +101,11 @@ def exchange(grid: Grid, cfg: RunConfig, server_round: int, phase: str, messages
     """Send one phase's messages, wait up to ``round-timeout``, log who never answered, aggregate."""
     messages = list(messages)
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else []
-    missing = sorted({m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies})
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    for reply in replies:  # the SuperLink itself answers for a node it lost ("Node Unavailable"): name that node
+        reply.metadata.__dict__["_src_node_id"] = destination.get(reply.metadata.reply_to_message_id,
+                                                                  reply.metadata.src_node_id)
+    missing = sorted(set(destination.values()) - {r.metadata.src_node_id for r in replies})
     for node in missing:
         log(WARNING, "round %d: node %s sent no %s reply within round-timeout=%.0fs", server_round, node, phase,
             cfg.round_timeout)

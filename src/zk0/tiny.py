@@ -1,9 +1,14 @@
-"""The embedded tiny VLM: a SmolVLM config, tokenizer and processor written locally.
+"""Locally written VLM backbones: a SmolVLM config, tokenizer and processor, no weights.
 
 SmolVLA resolves its VLM backbone with ``AutoConfig``/``AutoProcessor``/``AutoTokenizer``
 ``.from_pretrained(vlm_model_name)``. Pointing ``vlm_model_name`` at an absolute local
-folder written here makes the whole policy build offline, in seconds, with ~0.5M
-parameters, so the federated pipeline can run and be tested on any laptop.
+folder written here makes the whole policy build offline. Two backbones exist:
+
+- ``tiny``: ~0.5M parameters, builds in seconds, so the federated pipeline can run and be
+  tested on any laptop;
+- ``smolvla-size``: SmolVLM2-500M's architecture (the backbone of ``lerobot/smolvla_base``)
+  with a small tokenizer, randomly initialised, to measure real-size costs (memory, start-up,
+  wire bytes) without the hub.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # SmolVLM's processor looks these special tokens up on the tokenizer by attribute.
@@ -34,24 +40,46 @@ CORPUS = [
     "turn to the right side, then close the gripper",
     "0 1 2 3 4 5 6 7 8 9 . , : ; ! ? ( ) - _",
 ]
-IMAGE_SIZE = 64
-PATCH_SIZE = 16
-SCALE_FACTOR = 2
-TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
-VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 2}
-SPEC_VERSION = 1
+IMAGE_SIZE = 64  # the tiny VLM's and the embedded datasets' image size
+SPEC_VERSION = 2
 
 
-def _spec_digest() -> str:
-    """Digest of everything that defines the tiny VLM, naming its cache folder."""
-    spec = [SPEC_VERSION, SPECIAL_TOKENS, CORPUS, IMAGE_SIZE, PATCH_SIZE, SCALE_FACTOR, TEXT, VISION]
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+@dataclass(frozen=True)
+class VlmSpec:
+    """Everything that defines a locally written VLM; its digest names the cache folder."""
+
+    name: str
+    image_size: int
+    patch_size: int
+    scale_factor: int
+    text: dict
+    vision: dict
+    vocab_size: int | None = None  # None: the local tokenizer's size
+
+    def digest(self) -> str:
+        """Short hash of the spec and tokenizer inputs: a changed spec gets a new folder, never a stale one."""
+        spec = [SPEC_VERSION, SPECIAL_TOKENS, CORPUS, asdict(self)]
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+VLMS = {spec.name: spec for spec in (
+    VlmSpec("tiny", image_size=IMAGE_SIZE, patch_size=16, scale_factor=2,
+            text={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512},
+            vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}),
+    # SmolVLM2-500M-Video-Instruct's config, with its vocabulary size whatever the local tokenizer's.
+    VlmSpec("smolvla-size", image_size=512, patch_size=16, scale_factor=4, vocab_size=49280,
+            text={"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15,
+                  "num_key_value_heads": 5, "head_dim": 64, "rms_norm_eps": 1e-5,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
+                  "tie_word_embeddings": False, "max_position_embeddings": 8192},
+            vision={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                    "num_attention_heads": 12}),
+)}
 
 
 def cache_root() -> Path:
-    """Where zk0 keeps generated artefacts (tiny VLM, embedded datasets)."""
+    """Where zk0 keeps generated artefacts (local VLMs, embedded datasets)."""
     return Path(os.environ.get("ZK0_CACHE", Path.home() / ".cache" / "zk0")).expanduser().resolve()
 
 
@@ -72,22 +100,23 @@ def train_tokenizer():
                                    extra_special_tokens=dict(SPECIAL_TOKENS))
 
 
-def _write(folder: Path) -> None:
+def write_vlm(spec: VlmSpec, folder: Path) -> None:
+    """Write ``spec``'s config, processor and tokenizer into ``folder``."""
     from transformers import (LlamaConfig, SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor,
                               SmolVLMVideoProcessor)
     from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
     tokenizer = train_tokenizer()
-    text = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512,
-                       pad_token_id=tokenizer.pad_token_id, **TEXT)
-    vision = SmolVLMVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **VISION)
+    text = LlamaConfig(vocab_size=spec.vocab_size or len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       **spec.text)
+    vision = SmolVLMVisionConfig(image_size=spec.image_size, patch_size=spec.patch_size, **spec.vision)
     config = SmolVLMConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                           scale_factor=SCALE_FACTOR,
+                           scale_factor=spec.scale_factor,
                            image_token_id=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["image_token"]))
     image_processor = SmolVLMImageProcessor(
-        do_resize=True, size={"longest_edge": IMAGE_SIZE}, do_image_splitting=False,
-        max_image_size={"longest_edge": IMAGE_SIZE})
-    seq_len = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
+        do_resize=True, size={"longest_edge": spec.image_size}, do_image_splitting=False,
+        max_image_size={"longest_edge": spec.image_size})
+    seq_len = (spec.image_size // spec.patch_size) ** 2 // spec.scale_factor**2
     processor = SmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                  video_processor=SmolVLMVideoProcessor(), image_seq_len=seq_len)
     config.save_pretrained(folder)
@@ -95,16 +124,22 @@ def _write(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def ensure_tiny_vlm() -> Path:
-    """Return the absolute folder of the tiny VLM, writing it once (atomically) if missing."""
-    folder = cache_root() / f"tiny-vlm-{_spec_digest()}"
+def ensure_vlm(name: str) -> Path:
+    """Return the absolute folder of the local VLM ``name`` (see :data:`VLMS`), writing it once, atomically."""
+    spec = VLMS[name]
+    folder = cache_root() / f"{spec.name}-vlm-{spec.digest()}"
     if (folder / "config.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-vlm-", dir=folder.parent))
-    _write(staging)
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-vlm-", dir=folder.parent))
+    write_vlm(spec, staging)
     try:
         staging.rename(folder)
     except OSError:  # another process won the race; its folder is identical
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def ensure_tiny_vlm() -> Path:
+    """The tiny VLM's folder (see :func:`ensure_vlm`)."""
+    return ensure_vlm("tiny")

@@ -1,0 +1,268 @@
+"""Wall time of a deployed round: a new ClientApp process per message vs resident zk0 workers.
+
+Starts a loopback, insecure SuperLink and two SuperNodes, first in Flower's default
+``--isolation subprocess`` (a ``flwr-clientapp`` process per message, which imports torch
+and LeRobot and rebuilds the policy and dataset every time: "before"), then in
+``--isolation process`` with one ``python -m zk0.resident`` worker per SuperNode ("after"),
+submits the same run with ``flwr run`` and reads each round's wall time from the run
+folder's ``metrics.jsonl``. Round 1 can include start-up, so rounds 2+ are compared
+(median). Peak RSS is sampled per node (SuperNode, its ClientApp processes, its worker).
+It also times one cold start in a fresh process: import + policy + dataset, the cost every
+message pays in "before".
+
+Run: ``HF_HUB_OFFLINE=1 python bench/deploy_round.py [--models tiny smolvla-size]``.
+The last line holds every number as ``key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+
+try:
+    from zk0.tracking import read_metrics
+except ImportError:  # package not installed: use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from zk0.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MIB = 2**20
+# Per model: the run config (bounded CPU time for the 450M-parameter model on a laptop).
+RUN_CONFIGS = {
+    "tiny": "model-name='tiny' local-steps=2 batch-size=4 eval-batches=1",
+    "smolvla-size": "model-name='smolvla-size' local-steps=1 batch-size=1 eval-batches=1",
+}
+
+
+def free_port() -> int:
+    """A free loopback TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Flower's home in the bench folder, no telemetry, no installs, our venv first (SuperExec is found on PATH)."""
+    return {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}:{os.environ['PATH']}",
+            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_HUB_OFFLINE": "1"}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group (a SuperNode's SuperExec and ClientApps are in it), SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+class RssSampler(threading.Thread):
+    """Peak summed RSS of each group of process groups (a node: its SuperNode and its worker)."""
+
+    def __init__(self, groups: list[set[int]], interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.groups, self.interval = groups, interval
+        self.peaks = [0] * len(groups)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            totals = [0] * len(self.groups)
+            for proc in psutil.process_iter(["pid", "memory_info"]):
+                with contextlib.suppress(ProcessLookupError, psutil.Error):
+                    pgid = os.getpgid(proc.info["pid"])
+                    for i, group in enumerate(self.groups):
+                        if pgid in group and proc.info["memory_info"] is not None:
+                            totals[i] += proc.info["memory_info"].rss
+            self.peaks = [max(p, t) for p, t in zip(self.peaks, totals)]
+
+
+class Federation:
+    """A loopback SuperLink and SuperNodes (with one resident worker each when ``resident``)."""
+
+    def __init__(self, folder: Path, resident: bool, nodes: int = 2) -> None:
+        self.folder, self.resident, self.nodes = folder, resident, nodes
+        self.env = flower_env(folder / "flwr")
+        self.procs: list[subprocess.Popen] = []
+        self.node_groups: list[set[int]] = []
+
+    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = (self.folder / f"{name}.log").open("w")
+        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        """A process's output so far (``superlink``, ``node0``, ``worker0``, ...)."""
+        return (self.folder / f"{name}.log").read_text()
+
+    def _wait_listening(self, port: int, proc: subprocess.Popen, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited: {self.log(name)[-2000:]}")
+            time.sleep(0.3)
+        raise TimeoutError(f"{name} not listening on {port} after {timeout:.0f}s")
+
+    def __enter__(self) -> Federation:
+        try:
+            self._start_all()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start_all(self) -> None:
+        port = free_port()
+        (self.folder / "flwr").mkdir(parents=True)
+        (self.folder / "flwr" / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        link = self._start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess",
+                                         "--host", "127.0.0.1", "--port", str(port),
+                                         "--disable-runtime-dependency-installation"])
+        self._wait_listening(port, link, "superlink")
+        isolation = "process" if self.resident else "subprocess"
+        nodes = []
+        for i in range(self.nodes):
+            runtime_port = free_port()
+            node = self._start(f"node{i}", [
+                str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                "--node-config", f"partition-id={i} num-partitions={self.nodes}", "--isolation", isolation,
+                "--host", "127.0.0.1", "--port", str(runtime_port)])
+            nodes.append((node, runtime_port))
+            group = {node.pid}
+            if self.resident:  # starts with its SuperNode (imports overlap), retries until its Runtime API listens
+                group.add(self._start(f"worker{i}", [
+                    sys.executable, "-m", "zk0.resident", "--appio-api-address", f"127.0.0.1:{runtime_port}",
+                    "--insecure", "--parent-pid", str(node.pid)]).pid)
+            self.node_groups.append(group)
+        for i, (node, runtime_port) in enumerate(nodes):
+            self._wait_listening(runtime_port, node, f"node{i}")
+
+    def __exit__(self, *_exc: object) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+
+    def flwr(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        """Run the ``flwr`` CLI against this SuperLink (connection ``local``)."""
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, timeout=timeout, capture_output=True,
+                              text=True)
+
+    def run(self, run_config: str, timeout: float) -> Path:
+        """Submit the zk0 app, wait for it, check it completed, and return its run folder."""
+        out = self.folder / "outputs"
+        streamed = self.flwr("run", str(ROOT), "local", "--stream", "--run-config",
+                             f"{run_config} output-dir='{out}'", timeout=timeout)
+        (self.folder / "flwr-run.log").write_text(streamed.stdout + streamed.stderr)
+        # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink.
+        runs = json.loads(self.flwr("ls", "local", "--format", "json", timeout=60).stdout)["runs"]
+        if [r["status"] for r in runs] != ["finished:completed"]:
+            raise RuntimeError(f"run did not complete: {runs}; see {self.folder}")
+        (run_dir,) = out.iterdir()
+        return run_dir
+
+
+def round_seconds(run_dir: Path) -> dict[int, float]:
+    """Wall seconds of each round, as the ServerApp logged them."""
+    return {r["round"]: r["seconds"] for r in read_metrics(run_dir / "metrics.jsonl")
+            if r["source"] == "server" and r.get("event") == "round"}
+
+
+def measure_deployment(model: str, resident: bool, rounds: int, timeout: float) -> dict[str, float]:
+    """Run ``rounds`` rounds of ``model`` in one deployment; rounds 2+ median, whole run, peak node RSS."""
+    with tempfile.TemporaryDirectory(prefix="zk0-bench-deploy-") as tmp, Federation(Path(tmp), resident) as fed:
+        sampler = RssSampler(fed.node_groups)
+        sampler.start()
+        start = time.monotonic()
+        run_dir = fed.run(f"{RUN_CONFIGS[model]} num-server-rounds={rounds}", timeout)
+        run_s = time.monotonic() - start
+        sampler.done.set()
+        seconds = round_seconds(run_dir)
+    mode = "after" if resident else "before"
+    print(f"{model} {mode}: seconds per round {seconds}, run {run_s:.1f}s, "
+          f"peak node RSS {[round(p / MIB) for p in sampler.peaks]} MiB", flush=True)
+    return {"round_s": statistics.median(s for r, s in seconds.items() if r >= 2), "run_s": run_s,
+            "peak_rss_mib": max(sampler.peaks) / MIB}
+
+
+def cold_start(model: str) -> dict[str, float]:
+    """What one ClientApp process pays before its first message: imports, then policy and dataset."""
+    start = time.monotonic()
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir
+
+    from zk0 import client_app
+
+    imported = time.monotonic()
+    run_config = get_fused_config_from_dir(ROOT, {"model-name": model, "batch-size": 1})
+    client_app.runtime(Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                               run_config=run_config))
+    return {"import_s": imported - start, "build_s": time.monotonic() - imported}
+
+
+def measure_cold_start(model: str) -> dict[str, float]:
+    """:func:`cold_start` in a fresh interpreter, as a SuperExec-launched ClientApp would be."""
+    out = subprocess.run([sys.executable, __file__, "--cold-start", model], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                         capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def report(results: dict[str, dict[str, float]]) -> Iterator[str]:
+    """``key=value`` pairs of every model measured, speedups included."""
+    for model, r in results.items():
+        key = model.replace("-size", "")
+        for name, value in r.items():
+            yield f"{key}_{name}={value:.2f}"
+        if "round_s_before" in r and "round_s_after" in r:
+            yield f"speedup_{key}={r['round_s_before'] / r['round_s_after']:.2f}"
+
+
+def main() -> None:
+    """Measure each model in both modes and print the numbers."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(RUN_CONFIGS), choices=list(RUN_CONFIGS))
+    parser.add_argument("--modes", nargs="+", default=["before", "after"], choices=["before", "after"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    parser.add_argument("--cold-start", metavar="MODEL", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.cold_start:
+        with contextlib.redirect_stdout(sys.stderr):
+            times = cold_start(args.cold_start)
+        print(json.dumps(times))
+        return
+    results: dict[str, dict[str, float]] = {}
+    for model in args.models:
+        cold = measure_cold_start(model)
+        results[model] = {"cold_import_s": cold["import_s"], "cold_build_s": cold["build_s"]}
+        for mode in args.modes:
+            for name, value in measure_deployment(model, mode == "after", args.rounds, args.timeout).items():
+                results[model][f"{name}_{mode}"] = value
+    print(" ".join(report(results)))
+
+
+if __name__ == "__main__":
+    main()

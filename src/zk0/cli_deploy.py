@@ -1,0 +1,302 @@
+"""``zk0 server …``, ``zk0 client …``, ``zk0 run/status/logs/stop``: a federation on Flower's Deployment Engine.
+
+The operator's commands act on a server folder (``--dir``, default ``./zk0-server``), a robot
+owner's on a client folder (default ``./zk0-client``); see :mod:`zk0.deploy` for their layout.
+Runs are submitted and watched through Flower's own ``flwr`` CLI with ``FLWR_HOME`` inside
+the server folder.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zk0 import deploy
+
+server_app = typer.Typer(no_args_is_help=True, help="Server operator: certificates, SuperLink, robot owners' keys.")
+client_app = typer.Typer(no_args_is_help=True, help="Robot owner: node key and the SuperNode for one dataset.")
+
+ServerDir = Annotated[Path, typer.Option("--dir", "-d", help="The server folder made by `zk0 server init`.")]
+ClientDir = Annotated[Path, typer.Option("--dir", "-d", help="This node's folder (key, PID files, logs).")]
+DEFAULT_SERVER, DEFAULT_CLIENT = Path("zk0-server"), Path("zk0-client")
+FINISHED = "finished"
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def flwr(folder: Path, *args: str, timeout: float = 120) -> dict:
+    """Run ``flwr ARGS zk0 --format json`` against the server folder's connection; its JSON reply."""
+    proc = subprocess.run([str(deploy.BIN / "flwr"), *args, "--format", "json"], env=deploy.flower_env(folder / "flwr"),
+                          capture_output=True, text=True, timeout=timeout)
+    try:
+        reply = json.loads(proc.stdout[proc.stdout.find("{"):])
+    except json.JSONDecodeError:
+        reply = {"success": False, "error-message": (proc.stderr or proc.stdout).strip()[-500:]}
+    if proc.returncode or not reply.get("success", False):
+        fail(f"flwr {args[0]} failed: {reply.get('error-message', proc.stderr.strip()[-500:])}")
+    return reply
+
+
+# --- server operator -------------------------------------------------------------------
+
+
+@server_app.command("init")
+def server_init(
+    folder: Annotated[Path, typer.Argument(help="New folder for the CA, certificates, state and runs.")] = DEFAULT_SERVER,
+    host: Annotated[list[str] | None, typer.Option(
+        "--host", help="Name or IP robot owners dial (repeat for several); loopback is always added.")] = None,
+    bind: Annotated[str, typer.Option(help="Address the SuperLink listens on (0.0.0.0: all interfaces).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The SuperLink's port (Fleet, Control and Runtime APIs).")] = 9092,
+) -> None:
+    """Create the federation's CA, the SuperLink's TLS certificate and the `flwr` connection `zk0`."""
+    try:
+        settings = deploy.init_server(folder.resolve(), host or [], bind, port)
+    except deploy.DeployError as err:
+        fail(str(err))
+    typer.echo(f"server folder {folder.resolve()}: certificate for {', '.join(settings.hosts)}; "
+               f"SuperLink will listen on {bind}:{port}")
+    typer.echo(f"give robot owners {folder.resolve() / 'ca.crt'} (never ca.key); next: zk0 server start -d {folder}")
+
+
+@server_app.command("start")
+def server_start(
+    folder: ServerDir = DEFAULT_SERVER,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="No TLS and no node authentication: anyone who reaches the port can join. Tests only.")] = False,
+) -> None:
+    """Start `flower-superlink` with TLS, SuperNode authentication and a persistent state database."""
+    folder = folder.resolve()
+    try:
+        settings = deploy.server_settings(folder)
+        if insecure:
+            typer.secho("warning: --insecure: traffic is unencrypted and any SuperNode may join", fg="yellow", err=True)
+            deploy.write_connection(folder / "flwr", f"127.0.0.1:{settings.port}", None)
+        else:
+            deploy.write_connection(folder / "flwr", f"127.0.0.1:{settings.port}", folder / "ca.crt")
+        pid = deploy.start(folder, "superlink", deploy.superlink_command(folder, insecure),
+                           deploy.flower_env(folder / "flwr"))
+        deploy.wait_listening(folder, "superlink", "127.0.0.1" if settings.bind == "0.0.0.0" else settings.bind,
+                              settings.port, timeout=60)
+    except deploy.DeployError as err:
+        fail(str(err))
+    typer.echo(f"SuperLink running (PID {pid}) on {settings.bind}:{settings.port}; log {folder / 'logs/superlink.log'}")
+
+
+@server_app.command("add-node")
+def server_add_node(
+    public_key: Annotated[Path, typer.Argument(help="A robot owner's node_key.pub (from `zk0 client keygen`).")],
+    folder: ServerDir = DEFAULT_SERVER,
+    name: Annotated[str | None, typer.Option(help="A name for the node in `zk0 status`.")] = None,
+) -> None:
+    """Register a robot owner's public key: only registered SuperNodes may connect."""
+    if not public_key.is_file():
+        fail(f"public key file {public_key} not found; the robot owner gets it from `zk0 client keygen`")
+    args = ["supernode", "register", str(public_key.resolve()), deploy.CONNECTION] + (["--name", name] if name else [])
+    reply = flwr(folder.resolve(), *args)
+    typer.echo(f"registered node {reply['node-id']}")
+
+
+@server_app.command("stop")
+def server_stop(folder: ServerDir = DEFAULT_SERVER) -> None:
+    """Stop the SuperLink started from this folder (and the ServerApps it runs)."""
+    stopped = deploy.stop(folder.resolve(), "superlink")
+    typer.echo("SuperLink stopped" if stopped else "no SuperLink was running from this folder")
+
+
+# --- robot owner -------------------------------------------------------------------------
+
+
+@client_app.command("keygen")
+def client_keygen(folder: ClientDir = DEFAULT_CLIENT) -> None:
+    """Write this node's key pair and print the public key to send to the server operator."""
+    try:
+        line = deploy.keygen(folder.resolve())
+    except deploy.DeployError as err:
+        fail(str(err))
+    typer.echo(line)
+    typer.echo(f"send {folder.resolve() / 'node_key.pub'} to the operator (`zk0 server add-node`); keep node_key",
+               err=True)
+
+
+@client_app.command("start")
+def client_start(
+    server: Annotated[str, typer.Option(help="The SuperLink as HOST:PORT.")],
+    dataset: Annotated[str, typer.Option(help="This node's data: hf:user/name or local:/path (or embedded:task).")],
+    ca: Annotated[Path | None, typer.Option(help="The federation's ca.crt, from the operator.")] = None,
+    key: Annotated[Path | None, typer.Option(help="This node's private key (default: DIR/node_key).")] = None,
+    folder: ClientDir = DEFAULT_CLIENT,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no key (only with an --insecure server).")] = False,
+    resident: Annotated[bool, typer.Option(
+        help="Keep one ClientApp process with the policy and data loaded across rounds.")] = True,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the SuperLink to accept this node.")] = 60.0,
+) -> None:
+    """Start a SuperNode serving one dataset to the federation."""
+    from zk0.data import DatasetError, open_metadata
+    from zk0.registry import DatasetEntry, RegistryError
+
+    folder = folder.resolve()
+    if insecure:
+        typer.secho("warning: --insecure: traffic to the server is unencrypted and unauthenticated", fg="yellow",
+                    err=True)
+        ca = key = None
+    else:
+        key = (key or folder / "node_key").resolve()
+        if ca is None or not ca.is_file():
+            fail(f"--ca {ca}: the federation's ca.crt is required (ask the operator), or pass --insecure")
+        if not key.is_file():
+            fail(f"node key {key} not found; run `zk0 client keygen -d {folder}` and send node_key.pub to the operator")
+        ca = ca.resolve()
+    try:
+        open_metadata(DatasetEntry(uri=dataset))
+    except (DatasetError, RegistryError) as err:
+        fail(str(err))
+    appio = deploy.free_port()
+    env = deploy.flower_env(folder / "flwr")
+    folder.mkdir(parents=True, exist_ok=True)
+    secret = deploy.runtime_secret(folder) if resident else None
+    try:
+        pid = deploy.start(folder, "supernode", deploy.supernode_command(server, dataset, ca, key, appio, secret), env)
+        if secret:
+            deploy.wait_listening(folder, "supernode", "127.0.0.1", appio, timeout=60)
+            deploy.start(folder, "clientapp", deploy.resident_command(appio, pid, secret), env)
+        node_id = deploy.wait_connected(folder, "supernode", wait)
+    except deploy.DeployError as err:
+        for name in ("clientapp", "supernode"):
+            deploy.stop(folder, name)
+        fail(str(err))
+    if node_id is None:
+        typer.secho(f"warning: not connected to {server} after {wait:.0f}s; the SuperNode keeps retrying "
+                    f"(log: {folder / 'logs/supernode.log'})", fg="yellow", err=True)
+    else:
+        typer.echo(f"SuperNode {node_id} (PID {pid}) serves {dataset} to {server}; logs in {folder / 'logs'}")
+
+
+@client_app.command("stop")
+def client_stop(folder: ClientDir = DEFAULT_CLIENT) -> None:
+    """Stop this folder's SuperNode and its resident ClientApp."""
+    folder = folder.resolve()
+    stopped = [name for name in ("clientapp", "supernode") if deploy.stop(folder, name)]
+    typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running from this folder")
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+
+def submit(
+    run_config: Annotated[list[str] | None, typer.Option(
+        "--run-config", "-c", help="Run-config overrides: 'key=value …' (TOML values; bare words are strings).")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="A run folder to continue from its last completed round, with its own config.")] = None,
+    folder: ServerDir = DEFAULT_SERVER,
+    detach: Annotated[bool, typer.Option("--detach", help="Submit and return; watch with `zk0 status`.")] = False,
+) -> None:
+    """Submit the zk0 app to the federation; follow its log and exit non-zero unless it completes."""
+    from zk0.cli import parse_overrides, preflight
+
+    folder = folder.resolve()
+    try:
+        deploy.server_settings(folder)
+    except deploy.DeployError as err:
+        fail(str(err))
+    overrides = parse_overrides(run_config)
+    if resume is None:
+        overrides.setdefault("output-dir", str(folder / "runs"))
+    config = preflight(overrides, resume, local_clients=False)
+    config_file = folder / "logs" / f"run-config-{time.strftime('%Y%m%d-%H%M%S')}.toml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in config.items()))
+    from zk0.registry import default_pyproject
+
+    reply = flwr(folder, "run", str(default_pyproject().parent), deploy.CONNECTION, "--run-config", str(config_file))
+    run_id = int(reply["run-id"])
+    typer.echo(f"run {run_id} submitted")
+    if not detach:
+        status = follow(folder, run_id)
+        typer.echo(f"run {run_id}: {status}")
+        if status != f"{FINISHED}:completed":
+            raise typer.Exit(1)
+
+
+def _toml(value: object) -> str:
+    """A run-config scalar as TOML (JSON's strings and numbers are valid TOML)."""
+    return ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
+
+
+def run_status(folder: Path, run_id: int) -> str:
+    (row,) = flwr(folder, "ls", deploy.CONNECTION, "--run-id", str(run_id))["runs"]
+    return row["status"]
+
+
+def follow(folder: Path, run_id: int, poll: float = 3.0) -> str:
+    """Stream the run's log until the SuperLink reports it finished; its final status."""
+    logs = subprocess.Popen([str(deploy.BIN / "flwr"), "log", str(run_id), deploy.CONNECTION, "--stream"],
+                            env=deploy.flower_env(folder / "flwr"))
+    try:
+        while not (status := run_status(folder, run_id)).startswith(FINISHED):
+            time.sleep(poll)
+        time.sleep(poll)  # let the last log lines arrive
+    finally:
+        logs.terminate()
+        logs.wait(timeout=30)
+    return status
+
+
+def status(folder: ServerDir = DEFAULT_SERVER) -> None:
+    """Runs (status, last round, bytes) and nodes (online/offline) of the federation."""
+    from zk0.report import human_bytes
+
+    folder = folder.resolve()
+    progress = run_progress(folder / "runs")
+    typer.echo("runs:")
+    for run in flwr(folder, "ls", deploy.CONNECTION)["runs"]:
+        done = progress.get(int(run["run-id"]), {})
+        rounds = f"round {done['round']}" if "round" in done else "no round yet"
+        moved = f"sent {human_bytes(done.get('sent', 0))}, received {human_bytes(done.get('received', 0))}"
+        typer.echo(f"  {run['run-id']}  {run['status']:<22} {rounds:<12} {moved}  {done.get('folder', '')}")
+    typer.echo("nodes:")
+    for node in flwr(folder, "supernode", "ls", deploy.CONNECTION)["nodes"]:
+        typer.echo(f"  {node['node-id']}  {node['status']:<10} {node.get('owner-name', '')}")
+
+
+def run_progress(runs: Path) -> dict[int, dict]:
+    """Per Flower run id: the run folder, its last completed round and the bytes moved so far."""
+    from zk0.tracking import read_metrics
+
+    out: dict[int, dict] = {}
+    for ids in runs.glob("*/flower-runs.txt"):
+        rounds = [r for r in read_metrics(ids.parent / "metrics.jsonl") if r.get("event") == "round"]
+        summary = {"folder": str(ids.parent), "sent": sum(r["bytes-down"] for r in rounds),
+                   "received": sum(r["bytes-up"] for r in rounds)}
+        if rounds:
+            summary["round"] = rounds[-1]["round"]
+        for run_id in ids.read_text().split():
+            out[int(run_id)] = summary
+    return out
+
+
+def logs(
+    run_id: Annotated[int, typer.Argument(help="The run id (`zk0 status`).")],
+    folder: ServerDir = DEFAULT_SERVER,
+    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming new lines.")] = False,
+) -> None:
+    """Print a run's ServerApp log."""
+    proc = subprocess.run([str(deploy.BIN / "flwr"), "log", str(run_id), deploy.CONNECTION,
+                           "--stream" if follow_ else "--show"], env=deploy.flower_env(folder.resolve() / "flwr"))
+    raise typer.Exit(proc.returncode)
+
+
+def stop_run(
+    run_id: Annotated[int, typer.Argument(help="The run id (`zk0 status`).")],
+    folder: ServerDir = DEFAULT_SERVER,
+) -> None:
+    """Stop a run; its run folder keeps everything up to the last completed round (resume with --resume)."""
+    flwr(folder.resolve(), "stop", str(run_id), deploy.CONNECTION)
+    typer.echo(f"run {run_id} stopped")

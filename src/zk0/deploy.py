@@ -1,0 +1,327 @@
+"""Deployment on Flower's Deployment Engine: certificates, node keys, SuperLink and SuperNode processes.
+
+The server operator's folder (``zk0 server init DIR``)::
+
+    ca.crt  ca.key            the federation's CA (ca.key never leaves this folder)
+    server.crt  server.key    the SuperLink's TLS certificate, SANs = the hosts given at init
+    server.json               bind address, port and hosts chosen at init
+    flwr/config.toml          FLWR_HOME of the operator's ``flwr`` CLI: connection ``zk0``
+    state.db                  SuperLink state (registered nodes, runs), kept across restarts
+    runs/                     run folders (``output-dir`` of ``zk0 run``)
+    pids/  logs/              PID files and logs of the processes zk0 started
+
+A robot owner's folder (``zk0 client keygen DIR``) holds ``node_key`` / ``node_key.pub`` (an
+ECDSA P-384 key pair in OpenSSH format, as Flower's SuperNode authentication expects) and
+the ``pids/`` and ``logs/`` of the SuperNode it runs.
+
+Processes are started in their own session and found again only through their PID file,
+checked against ``/proc/<pid>/cmdline``, never by name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CONNECTION = "zk0"
+BIN = Path(sys.executable).parent
+CERT_DAYS = 825
+
+
+class DeployError(RuntimeError):
+    """A deployment step that cannot go on; the message names the file or process and the fix."""
+
+
+# --- certificates and keys -------------------------------------------------------------
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "zk0 federation"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS)))
+
+
+def make_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA that signs only the SuperLink's certificate."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (_builder(_name("zk0 federation CA"), _name("zk0 federation CA"), key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA384()))
+    return key, cert
+
+
+def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+                     hosts: list[str]) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The SuperLink's certificate; clients verify the host they dial against these SANs."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    sans = [x509.IPAddress(ipaddress.ip_address(h)) if _is_ip(h) else x509.DNSName(h) for h in hosts]
+    cert = (_builder(_name(hosts[0]), ca_cert.subject, key.public_key())
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+    return key, cert
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
+    path.chmod(0o600)
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def keygen(folder: Path) -> str:
+    """Write a SuperNode key pair into ``folder``; return the public key line to send to the operator."""
+    folder.mkdir(parents=True, exist_ok=True)
+    private, public = folder / "node_key", folder / "node_key.pub"
+    if private.exists():
+        raise DeployError(f"{private} exists; keep using it (its public key is in {public}) or choose another folder")
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write_key(private, key, serialization.PrivateFormat.OpenSSH)
+    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    public.write_text(f"{line} zk0-node\n")
+    return public.read_text().strip()
+
+
+# --- the server operator's folder -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What ``zk0 server init`` decided: where the SuperLink listens and the names it answers to."""
+
+    bind: str
+    port: int
+    hosts: list[str]
+
+
+def init_server(folder: Path, hosts: list[str], bind: str, port: int) -> ServerSettings:
+    """Create the CA, the SuperLink certificate and the operator's Flower connection ``zk0``."""
+    if (folder / "server.json").exists():
+        raise DeployError(f"{folder} is already a zk0 server folder; use another folder or remove it first")
+    names = list(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))  # the operator's own CLI dials loopback
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = make_ca()
+    key, cert = make_server_cert(ca_key, ca_cert, names)
+    _write_key(folder / "ca.key", ca_key, serialization.PrivateFormat.PKCS8)
+    _write_cert(folder / "ca.crt", ca_cert)
+    _write_key(folder / "server.key", key, serialization.PrivateFormat.PKCS8)
+    _write_cert(folder / "server.crt", cert)
+    settings = ServerSettings(bind=bind, port=port, hosts=names)
+    (folder / "server.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    write_connection(folder / "flwr", f"127.0.0.1:{port}", folder / "ca.crt")
+    return settings
+
+
+def server_settings(folder: Path) -> ServerSettings:
+    path = folder / "server.json"
+    if not path.is_file():
+        raise DeployError(f"{folder} is not a zk0 server folder (no server.json); run `zk0 server init {folder}`")
+    return ServerSettings(**json.loads(path.read_text()))
+
+
+def write_connection(flwr_home: Path, address: str, ca: Path | None) -> None:
+    """``$FLWR_HOME/config.toml`` with the default connection ``zk0`` (TLS unless ``ca`` is None)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{ca.resolve()}"' if ca else "insecure = true"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n')
+
+
+def superlink_command(folder: Path, insecure: bool) -> list[str]:
+    """``flower-superlink`` with TLS, SuperNode authentication, a state database and no dependency installs."""
+    settings = server_settings(folder)
+    cmd = [str(BIN / "flower-superlink"), "--isolation", "subprocess", "--host", settings.bind,
+           "--port", str(settings.port), "--database", str(folder / "state.db"),
+           "--disable-runtime-dependency-installation"]
+    if insecure:  # Flower refuses node authentication without TLS
+        return [*cmd, "--insecure"]
+    return [*cmd, "--ssl-ca-certfile", str(folder / "ca.crt"), "--ssl-certfile", str(folder / "server.crt"),
+            "--ssl-keyfile", str(folder / "server.key"), "--enable-supernode-auth"]
+
+
+def supernode_command(server: str, dataset: str, ca: Path | None, key: Path | None, appio_port: int,
+                      resident_secret: Path | None) -> list[str]:
+    """``flower-supernode`` for one dataset, which reaches the ClientApp as node config ``dataset``.
+
+    With ``resident_secret`` it leaves ClientApps to the zk0 worker (``--isolation process``)
+    and hands tasks only to a caller that proves it holds that secret.
+    """
+    cmd = [str(BIN / "flower-supernode"), "--superlink", server, "--node-config", f"dataset={json.dumps(dataset)}",
+           "--host", "127.0.0.1", "--port", str(appio_port)]
+    if resident_secret:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(resident_secret)]
+    if ca is None:
+        return [*cmd, "--insecure"]
+    cmd += ["--root-certificates", str(ca)]
+    return [*cmd, "--auth-supernode-private-key", str(key)] if key else cmd
+
+
+def resident_command(appio_port: int, supernode_pid: int, secret: Path) -> list[str]:
+    """The long-lived zk0 ClientApp worker serving the SuperNode's runtime API on loopback."""
+    return [sys.executable, "-m", "zk0.resident", "--appio-api-address", f"127.0.0.1:{appio_port}", "--insecure",
+            "--parent-pid", str(supernode_pid), "--superexec-auth-secret-file", str(secret)]
+
+
+def runtime_secret(folder: Path) -> Path:
+    """A fresh random secret (mode 600) shared by a SuperNode and its worker, so no other local
+    process can take the node's tasks from its loopback runtime API."""
+    path = folder / "runtime.secret"
+    path.unlink(missing_ok=True)
+    path.touch(mode=0o600)
+    path.write_bytes(os.urandom(32))
+    return path
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment of Flower processes: our venv first (SuperLink spawns Flower executables from PATH),
+    Flower's home in the zk0 folder, no telemetry, no dependency installs."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def start(folder: Path, name: str, cmd: list[str], env: dict[str, str]) -> int:
+    """Start ``cmd`` detached in its own session, logging to ``logs/<name>.log``; record ``pids/<name>.pid``."""
+    if (pid := running_pid(folder, name)) is not None:
+        raise DeployError(f"{name} already runs with PID {pid} (from {folder / 'pids' / name}.pid); "
+                          f"stop it first")
+    (folder / "pids").mkdir(parents=True, exist_ok=True)
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    with (folder / "logs" / f"{name}.log").open("ab") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    (folder / "pids" / f"{name}.pid").write_text(json.dumps({"pid": proc.pid, "cmd": Path(cmd[0]).name}) + "\n")
+    deadline = time.monotonic() + 10
+    while running_pid(folder, name) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the child has exec'd the program its PID file names
+    return proc.pid
+
+
+def running_pid(folder: Path, name: str) -> int | None:
+    """The PID recorded for ``name`` if that process still runs the recorded program (else None)."""
+    path = folder / "pids" / f"{name}.pid"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    try:
+        cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return record["pid"] if any(record["cmd"].encode() in part for part in cmdline) else None
+
+
+def stop(folder: Path, name: str, timeout: float = 30.0) -> bool:
+    """SIGTERM the process group of ``name`` (SIGKILL after ``timeout``); False if it was not running."""
+    pid = running_pid(folder, name)
+    (folder / "pids" / f"{name}.pid").unlink(missing_ok=True)
+    if pid is None:
+        return False
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        _signal_group(pid, signal.SIGKILL)
+    return True
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)  # started with start_new_session: its group id is its PID
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_listening(folder: Path, name: str, host: str, port: int, timeout: float) -> None:
+    """Wait until ``host:port`` accepts connections; fail with the log's tail if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if running_pid(folder, name) is None:
+            raise _exited(folder, name)
+        with socket.socket() as sock:
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.3)
+    raise DeployError(f"{name} did not listen on {host}:{port} within {timeout:.0f}s; see {folder / 'logs' / name}.log")
+
+
+def wait_connected(folder: Path, name: str, timeout: float) -> str | None:
+    """The node id once the SuperNode ``name`` is accepted by the SuperLink; None if still trying.
+
+    A SuperNode that was refused (unregistered key, untrusted certificate) exits: that becomes
+    a :class:`DeployError` with the reason from its log.
+    """
+    log = folder / "logs" / f"{name}.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if match := re.search(r"SuperNode ID: (\d+)", text):
+            return match.group(1)
+        if running_pid(folder, name) is None:
+            raise _exited(folder, name)
+        time.sleep(0.3)
+    return None
+
+
+def _exited(folder: Path, name: str) -> DeployError:
+    """The error for a process that exited: the reasons its log gives (Flower's own error lines)."""
+    log = folder / "logs" / f"{name}.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    reasons = [line for line in lines if re.search(r"ERROR|Error|Failed|SSL|code: ", line)] or lines[-10:]
+    return DeployError(f"{name} was refused or failed (log {log}):\n" + "\n".join(reasons[-6:]))
+
+
+def free_port() -> int:
+    """A free loopback port (for a SuperNode's local runtime API)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
