@@ -92,6 +92,8 @@ def test_two_nodes_with_tls_and_node_auth_run_two_rounds(federation):
     assert len(received) == 4 and all(a["status"] == "accepted" for a in received)
     status = zk0("status", "-d", str(federation.server)).stdout
     assert "finished:completed" in status and "round 2" in status and status.count("online") == 2
+    run_id = proc.stdout.split("run ", 1)[1].split()[0]
+    assert "zk0 round 2/2" in zk0("logs", run_id, "-d", str(federation.server)).stdout
     builds = [line for c in federation.clients for line in (c / "logs" / "clientapp.log").read_text().splitlines()
               if "built policy and dataset" in line]
     assert len(builds) == 2, "each resident ClientApp builds its policy and data once per run"

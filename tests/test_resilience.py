@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Message, MessageType
+from flwr.app import Context, Message, MessageType, RecordDict
+from inprocess import InProcessGrid
 from test_integration import run_federation
 
+from zk0 import client_app, server_app
 from zk0.audit import read_audit
 from zk0.checkpoint import STATE_FILE, ResumeError
 from zk0.strategy import RoundFailed
@@ -95,3 +97,17 @@ def test_resume_refuses_a_changed_config(run_config, tmp_path):
         run_federation(run_config(num_server_rounds=1, lr=0.5, resume_from=str(run_dir)))
     with pytest.raises(ResumeError, match="not a zk0 run folder"):
         run_federation(run_config(resume_from=str(tmp_path)))
+
+
+def test_a_node_whose_dataset_does_not_open_answers_with_the_reason(run_config, tmp_path):
+    """Deployment passes the dataset as node config; a bad one is an error reply the server logs."""
+    config = run_config(num_server_rounds=1)
+    grid = InProcessGrid(client_app.app, config, 3)
+    grid.contexts[103].node_config["dataset"] = f"local:{tmp_path / 'missing'}"
+    server_app.app(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
+                                 run_config=config))
+    (run_dir,) = Path(config["output-dir"]).iterdir()
+    refused = [a for a in read_audit(run_dir) if a["node"] == 103 and a["direction"] == "received"]
+    assert {a["phase"] for a in refused} == {"query", "train", "evaluate"}
+    assert all(a["status"] == "rejected" and str(tmp_path / "missing") in a["reason"] for a in refused)
+    assert len([r for r in read_metrics(run_dir / "metrics.jsonl") if r["source"] == "client"]) == 2
