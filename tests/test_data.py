@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from zk0 import data, synthetic, tiny
+import synthetic
+
+from zk0 import data, tiny
 from zk0.data import DatasetError
 from zk0.policy import tiny_config
 from zk0.registry import DatasetEntry
@@ -238,9 +240,9 @@ def test_locate_local_without_info_json(tmp_path):
 
 def test_locate_hf_and_unknown_embedded():
     assert data.locate(DatasetEntry(uri="hf:user/ds")) == ("user/ds", None)
-    with pytest.raises(DatasetError, match="unknown embedded task") as err:
+    with pytest.raises(DatasetError, match="unknown simulator task") as err:
         data.locate(DatasetEntry(uri="embedded:no-such-task"))
-    assert "red-left" in str(err.value)
+    assert "red-pick" in str(err.value)
 
 
 def test_open_metadata_unreachable_hub_fails_fast():

@@ -22,7 +22,7 @@ from zk0.tracking import read_metrics
 pytestmark = pytest.mark.e2e
 ZK0 = str(Path(sys.executable).parent / "zk0")
 FAST = "local-steps=2 batch-size=4 eval-batches=1 round-timeout=90"
-DATASETS = ["embedded:red-left", "embedded:green-right", "embedded:blue-center"]
+DATASETS = ["embedded:red-pick", "embedded:blue-pick-small", "embedded:green-place-left"]
 
 
 def zk0(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:

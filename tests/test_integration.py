@@ -14,7 +14,7 @@ from lerobot.policies.factory import make_pre_post_processors
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
 from zk0 import client_app, server_app, transport
-from zk0.config import RunConfig
+from zk0.config import ConfigError, RunConfig
 from zk0.policy import base_fingerprint, build_policy, trainable_state
 from zk0.strategy import RoundFailed, round_lr
 from zk0.tracking import read_metrics
@@ -70,7 +70,7 @@ def test_losses_finite_and_all_sources_logged(federation):
     assert sources == {"server", "client", "client-eval"}
     losses = [r[k] for r in records for k in ("train-loss", "eval-loss") if k in r]
     assert len(losses) >= 6 and all(np.isfinite(losses))
-    assert [r["round"] for r in records if r.get("dataset") == "purple-unseen"] == [0, 1, 2]
+    assert [r["round"] for r in records if r.get("dataset") == "purple-place-center"] == [0, 1, 2]
     assert sorted(r["round"] for r in records if r["source"] == "client-eval") == [0, 0, 1, 1, 2, 2]
 
 
@@ -115,7 +115,7 @@ def test_checkpoint_is_a_lerobot_pretrained_policy_with_this_rounds_card(federat
     assert any(not torch.equal(fresh[n], loaded[n]) for n in fresh)
     card = (folder / "README.md").read_text()
     records = read_metrics(run_dir / "metrics.jsonl")
-    unseen = [r["eval-loss"] for r in records if r.get("dataset") == "purple-unseen" and r["round"] == 2]
+    unseen = [r["eval-loss"] for r in records if r.get("dataset") == "purple-place-center" and r["round"] == 2]
     assert "round 2 of 2" in card and f"{unseen[0]:.6g}" in card
 
 
@@ -194,3 +194,19 @@ def test_clients_build_policy_and_data_once_per_run(run_config, monkeypatch):
     assert calls == {"policy": 1, "split": 1}
     runtime = client_app._RUNTIMES[(grid.run_id, 101)]
     assert len(runtime.processors) == 1
+
+
+def test_server_evaluates_in_the_simulator_every_sim_eval_every_rounds(run_config):
+    config = run_config(num_server_rounds=1, sim_eval_every=1, sim_eval_episodes=1)
+    run_dir, _ = run_federation(config)
+    sims = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "sim-eval"]
+    tasks = {"red-pick", "blue-pick-small", "green-place-left", "yellow-place-right", "purple-place-center"}
+    assert {(r["round"], r["dataset"]) for r in sims} == {(n, t) for n in (0, 1) for t in tasks}
+    assert all(r["success-rate"] == 0.0 and r["episodes"] == 1 for r in sims)  # an untrained tiny policy
+    assert {p.name for p in (run_dir / "videos" / "round_1").iterdir()} == {f"{t}.mp4" for t in tasks}
+    assert (run_dir / "charts" / "sim_success.png").is_file()
+
+
+def test_sim_evaluation_needs_simulator_tasks(run_config):
+    with pytest.raises(ConfigError, match="no simulator tasks"):
+        run_federation(run_config(datasets="so101-hub", sim_eval_every=1))

@@ -26,9 +26,9 @@ def test_embedded_profile_from_real_pyproject():
     assert len(reg.clients) == 4
     assert len(reg.server_eval) == 1
     assert [e.uri for e in reg.clients] == [
-        "embedded:red-left", "embedded:green-right", "embedded:blue-center", "embedded:yellow-far-left"]
+        "embedded:red-pick", "embedded:blue-pick-small", "embedded:green-place-left", "embedded:yellow-place-right"]
     assert all(e.scheme == "embedded" for e in (*reg.clients, *reg.server_eval))
-    assert reg.server_eval[0].target == "purple-unseen"
+    assert reg.server_eval[0].target == "purple-place-center"
     # the unseen task is not one of the training tasks
     assert reg.server_eval[0].target not in {e.target for e in reg.clients}
 
@@ -88,8 +88,8 @@ def test_profile_without_clients_rejected(tmp_path):
 
 def test_client_partition_out_of_range():
     reg = load_registry("embedded")
-    assert reg.client(0).uri == "embedded:red-left"
-    assert reg.client(3).uri == "embedded:yellow-far-left"
+    assert reg.client(0).uri == "embedded:red-pick"
+    assert reg.client(3).uri == "embedded:yellow-place-right"
     for bad in (4, -1):
         with pytest.raises(RegistryError) as err:
             reg.client(bad)

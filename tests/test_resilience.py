@@ -87,7 +87,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(run_config, t
     assert resumed == crashed
     a, b = final_master(whole), final_master(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
-    rounds = [r["round"] for r in read_metrics(crashed / "metrics.jsonl") if r.get("dataset") == "purple-unseen"]
+    rounds = [r["round"] for r in read_metrics(crashed / "metrics.jsonl") if r.get("dataset") == "purple-place-center"]
     assert rounds == [0, 1, 2, 3]
 
 

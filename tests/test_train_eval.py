@@ -8,7 +8,9 @@ import pytest
 import torch
 from lerobot.policies.factory import make_pre_post_processors
 
-from zk0 import data, synthetic, tiny
+import synthetic
+
+from zk0 import data, tiny
 from zk0.config import RunConfig
 from zk0.evaluate import evaluate_policy
 from zk0.policy import base_fingerprint, build_policy, trainable_state

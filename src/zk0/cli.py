@@ -125,9 +125,55 @@ def _run_simulation(app_dir: Path, run_config: dict, num_supernodes: int) -> Non
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)
 
 
-def _register_deployment() -> None:
-    from zk0 import cli_deploy
+@app.command()
+def baseline(
+    mode: Annotated[str, typer.Option(
+        "--mode", "-m", help="centralized: every client's training episodes pooled; local: each client alone.")],
+    run_config: RunConfigOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder that receives the run folder.")] = Path("outputs"),
+    num_clients: Annotated[int | None, typer.Option(
+        "--num-clients", "-n", help="The first N registry clients, as `zk0 simulate -n N` (default: all).")] = None,
+) -> None:
+    """Train a baseline from a federated run's config: same split, optimizer steps, seeds and evaluation."""
+    from flwr.common.config import get_fused_config_from_dir
 
+    from zk0.baseline import MODES, run_baseline
+    from zk0.config import ConfigError, RunConfig
+    from zk0.registry import RegistryError, default_pyproject
+
+    if mode not in MODES:
+        _fail(ConfigError(f"--mode must be one of {'|'.join(MODES)}, got {mode!r}"))
+    overrides = parse_overrides(run_config) | {"output-dir": str(output.expanduser().resolve())}
+    fused = get_fused_config_from_dir(default_pyproject().parent, preflight(overrides, None, local_clients=True))
+    try:
+        run_dir = run_baseline(RunConfig.from_run_config(fused), mode, num_clients)
+    except (ConfigError, RegistryError) as err:
+        _fail(err)
+    typer.secho(f"run folder: {run_dir}", fg=typer.colors.GREEN)
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders: federated runs and baselines.")],
+    chart: Annotated[Path, typer.Option("--chart", help="Where the PNG chart goes.")] = Path("compare.png"),
+) -> None:
+    """One table (round 0 and final round) and one chart: FedProx, FedAvg, centralized and local runs."""
+    from zk0.compare import CompareError, compare as compare_runs
+
+    try:
+        lines = compare_runs(run_dirs, chart)
+    except CompareError as err:
+        _fail(err)
+    for line in lines:
+        typer.echo(line)
+    typer.secho(f"chart: {chart}", fg=typer.colors.GREEN)
+
+
+def _register_subcommands() -> None:
+    from zk0 import cli_data, cli_deploy
+
+    app.add_typer(cli_data.data_app, name="data")
+    app.command("eval")(cli_data.evaluate)
     app.add_typer(cli_deploy.server_app, name="server")
     app.add_typer(cli_deploy.client_app, name="client")
     app.command("run")(cli_deploy.submit)
@@ -136,7 +182,7 @@ def _register_deployment() -> None:
     app.command("stop")(cli_deploy.stop_run)
 
 
-_register_deployment()
+_register_subcommands()
 
 
 def main() -> None:

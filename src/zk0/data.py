@@ -19,12 +19,12 @@ from lerobot.datasets.compute_stats import aggregate_stats, get_feature_stats
 from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 
-from zk0 import synthetic, tiny
+from zk0 import sim, tiny
 from zk0.policy import POLICY_FPS
 from zk0.registry import DatasetEntry
 
 STATE, ACTION = "observation.state", "action"
-EMBEDDED_EPISODES, EMBEDDED_FRAMES, EMBEDDED_VERSION = 10, 60, 1
+EMBEDDED_EPISODES, EMBEDDED_VERSION = 10, 1  # expert demonstrations per embedded task
 
 
 class DatasetError(RuntimeError):
@@ -49,17 +49,26 @@ class DatasetSplit:
         return list(self.held_out.episodes)
 
 
+def embedded_root(task: str) -> Path:
+    """Where the embedded dataset of simulator task ``task`` is cached."""
+    return tiny.cache_root() / "datasets" / f"sim-{task}-{tiny.IMAGE_SIZE}px-v{EMBEDDED_VERSION}"
+
+
+def embedded_seed(task: str) -> int:
+    """Recording seed of an embedded dataset: distinct per task, far from the evaluation seeds (0, 1, …)."""
+    return 100_000 * (1 + sorted(sim.TASKS).index(task))
+
+
 def locate(entry: DatasetEntry) -> tuple[str, Path | None]:
-    """Repo id and local root of an entry; embedded datasets are generated on first use."""
+    """Repo id and local root of an entry; embedded datasets are recorded in the simulator on first use."""
     if entry.scheme == "embedded":
-        task = synthetic.TASKS.get(entry.target)
-        if task is None:
-            raise DatasetError(f"dataset {entry.uri!r}: unknown embedded task; known: {', '.join(synthetic.TASKS)}")
-        root = tiny.cache_root() / "datasets" / f"{task.name}-v{EMBEDDED_VERSION}"
+        if entry.target not in sim.TASKS:
+            raise DatasetError(f"dataset {entry.uri!r}: unknown simulator task; known: {', '.join(sim.TASKS)}")
+        root = embedded_root(entry.target)
         if not (root / "meta" / "info.json").exists():
-            synthetic.generate(task, root, EMBEDDED_EPISODES, EMBEDDED_FRAMES, tiny.IMAGE_SIZE,
-                               seed=sorted(synthetic.TASKS).index(task.name))
-        return f"zk0/{task.name}", root
+            sim.record(entry.target, root, EMBEDDED_EPISODES, seed=embedded_seed(entry.target),
+                       image_size=tiny.IMAGE_SIZE)
+        return f"zk0/{entry.target}", root
     if entry.scheme == "local":
         root = Path(entry.target).expanduser()
         if not (root / "meta" / "info.json").is_file():

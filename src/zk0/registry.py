@@ -5,7 +5,7 @@ key ``datasets`` picks the profile. Each entry is a dataset URI:
 
 * ``hf:user/name`` (or a bare ``user/name``): a Hugging Face hub dataset;
 * ``local:/abs/path`` (or an absolute path): a LeRobotDataset folder on disk;
-* ``embedded:<task>``: a procedural dataset zk0 generates and caches itself.
+* ``embedded:<task>``: expert demonstrations zk0 records in its SO-101 simulator and caches.
 
 An entry may map dataset camera keys onto the policy's (``cameras = {"observation.images.top" =
 "observation.images.front"}``) because real SO-100 datasets name cameras differently.

@@ -9,8 +9,8 @@ from rich.table import Table
 
 COLUMNS = [("round", "round"), ("train-loss", "client train loss"), ("client-eval-loss", "held-out loss"),
            ("client-eval-mae", "held-out MAE"), ("server-eval-loss", "unseen loss"),
-           ("server-eval-mae", "unseen MAE"), ("bytes-down", "sent"), ("bytes-up", "received"),
-           ("rejected", "rejected")]
+           ("server-eval-mae", "unseen MAE"), ("sim-success", "sim success"), ("bytes-down", "sent"),
+           ("bytes-up", "received"), ("rejected", "rejected")]
 
 
 def human_bytes(n: float) -> str:

@@ -14,12 +14,13 @@ from lerobot.policies.factory import make_pre_post_processors
 
 from zk0.audit import AuditLog
 from zk0.checkpoint import RunFolder, ServerState, model_card, save_checkpoint
-from zk0.config import RunConfig
+from zk0.config import ConfigError, RunConfig
 from zk0.data import decode_stats, eval_batches, open_full, pool_stats
 from zk0.evaluate import evaluate_policy
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.registry import Registry, load_registry
 from zk0.report import progress_line, summary_table
+from zk0.sim.policy_eval import evaluate_in_sim, policy_image_size, sim_tasks
 from zk0.strategy import RoundFailed, SmolVLAStrategy
 from zk0.tracking import Tracker, write_charts
 
@@ -31,6 +32,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run (or resume) ``num-server-rounds`` rounds and leave everything in the run folder."""
     cfg = RunConfig.from_run_config(context.run_config)
     registry = load_registry(cfg.datasets)
+    simulator_tasks(cfg, registry)  # a config that cannot work fails before any work
     policy = build_policy(cfg)
     fingerprint = base_fingerprint(policy)
     run, state = open_run(cfg, registry, fingerprint, context.run_id)
@@ -53,6 +55,16 @@ def main(grid: Grid, context: Context) -> None:
     for line in summary_table([tracker.round_summary(r) | {"round": r} for r in range(cfg.num_server_rounds + 1)]):
         log(INFO, "%s", line)
     log(INFO, "zk0 run folder: %s", run.root)
+
+
+def simulator_tasks(cfg: RunConfig, registry: Registry) -> list[str]:
+    """The tasks closed-loop evaluation rolls out (none unless ``sim-eval-every`` > 0)."""
+    if not cfg.sim_eval_every:
+        return []
+    if not (tasks := sim_tasks([*registry.clients, *registry.server_eval])):
+        raise ConfigError(f"run-config sim-eval-every={cfg.sim_eval_every} but dataset profile {cfg.datasets!r} "
+                          "has no simulator tasks (embedded:<task>); set sim-eval-every=0")
+    return tasks
 
 
 def open_run(cfg: RunConfig, registry: Registry, fingerprint: str, run_id: int) -> tuple[RunFolder, ServerState | None]:
@@ -151,16 +163,20 @@ class RoundEnd:
         self.stats = decode_stats(strategy.norm_stats)
         self.pre, self.post = make_pre_post_processors(policy.config, dataset_stats=self.stats)
         self.eval_sets = [(e, open_full(e, policy.config)) for e in registry.server_eval]
+        self.sim_tasks = simulator_tasks(cfg, registry)
         self.started = time.monotonic()
 
     def __call__(self, server_round: int) -> None:
         last = server_round == self.cfg.num_server_rounds
         evaluating = server_round % self.cfg.eval_every == 0 or last
         checkpointing = server_round > 0 and (server_round % self.cfg.checkpoint_interval == 0 or last)
-        if evaluating or checkpointing:
+        sim_evaluating = bool(self.sim_tasks) and (server_round % max(self.cfg.sim_eval_every, 1) == 0 or last)
+        if evaluating or checkpointing or sim_evaluating:
             load_trainable(self.policy, self.strategy.master)
         if evaluating:
             self.evaluate(server_round)
+        if sim_evaluating:
+            self.evaluate_in_sim(server_round)
         self.tracker.log({"round": server_round, "source": "server", "event": "round",
                           "bytes-down": self.strategy.bytes_down, "bytes-up": self.strategy.bytes_up,
                           "seconds": round(time.monotonic() - self.started, 2)})
@@ -171,6 +187,15 @@ class RoundEnd:
             card = model_card(self.cfg, self.registry, server_round, summary, self.strategy.fingerprint)
             save_checkpoint(self.run.checkpoint(server_round), self.policy, self.stats, card)
         log(INFO, "%s", progress_line(server_round, self.cfg.num_server_rounds, summary))
+
+    def evaluate_in_sim(self, server_round: int) -> None:
+        """Closed-loop success rate on the registry's simulator tasks; one MP4 per task under ``videos/``."""
+        videos = self.run.root / "videos" / f"round_{server_round}"
+        results = evaluate_in_sim(self.policy, self.pre, self.post, self.sim_tasks, self.cfg.sim_eval_episodes,
+                                  self.cfg.seed, policy_image_size(self.policy), videos)
+        for task, res in results.items():
+            self.tracker.log({"round": server_round, "source": "server", "event": "sim-eval", "dataset": task,
+                              "success-rate": res["success-rate"], "episodes": res["episodes"]})
 
     @torch.no_grad()
     def evaluate(self, server_round: int) -> None:

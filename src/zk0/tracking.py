@@ -51,6 +51,9 @@ class Tracker:
             values = [r[key] for r in rows if r["source"] == source and key in r]
             if values:
                 out[name] = mean(values)
+        successes = [r["success-rate"] for r in rows if r.get("event") == "sim-eval"]
+        if successes:
+            out["sim-success"] = mean(successes)
         for r in rows:
             if r.get("event") == "round":
                 out.update({k: r[k] for k in ("bytes-down", "bytes-up", "seconds")})
@@ -94,6 +97,10 @@ def write_charts(run_dir: Path) -> list[Path]:
     series = _series(records, "client", "train-loss")
     if series:
         written.append(_plot(plt, series, "train loss per client", "flow-matching loss", charts / "train_loss.png"))
+    series = _series([r for r in records if r.get("event") == "sim-eval"], "server", "success-rate")
+    if series:
+        written.append(_plot(plt, series, "closed-loop success rate per simulator task", "success rate",
+                             charts / "sim_success.png"))
     for key, label in (("eval-loss", "flow-matching loss (fixed noise)"), ("eval-action-mae", "action MAE")):
         series = {f"server: {k}": v for k, v in _series(records, "server", key).items()}
         series.update({f"held-out: {k}": v for k, v in _series(records, "client-eval", key).items()})

@@ -1,6 +1,7 @@
 """Procedural SO-101-like demonstrations written as real LeRobotDataset v3.0 folders.
 
-Stands in for recorded robot data on machines without the hub: each task moves a
+A test fixture: unit tests need datasets of any episode and frame count in a second or two
+(zk0's embedded datasets are recorded in the simulator, ``zk0.sim``). Each task moves a
 6-joint arm (SO-100 joint names and units, degrees) from a rest pose to a cube, closes
 the gripper and carries the cube to a task-specific target. Two video cameras (front,
 wrist) render the scene in a few numpy operations, so observations depend on the state
@@ -45,7 +46,7 @@ TASKS: dict[str, SyntheticTask] = {t.name: t for t in [
                   (50, 70, 220), (80, 90, 110), (15.0, 30.0), 0.0),
     SyntheticTask("yellow-far-left", "put the yellow cube on the white plate",
                   (230, 210, 40), (70, 70, 70), (-30.0, -15.0), 70.0),
-    SyntheticTask("purple-unseen", "pick up the purple cube and place it on the right",
+    SyntheticTask("purple-place-center", "pick up the purple cube and place it on the right",
                   (150, 60, 190), (100, 100, 100), (0.0, 20.0), -60.0),
 ]}
 
