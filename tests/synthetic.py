@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
-FPS = 30
-ROBOT_TYPE = "so101_follower"
-CAMERAS = ("front", "wrist")
+from zk0.so101 import CAMERAS, FPS, ROBOT_TYPE, features  # noqa: F401 (tests use them from here)
+
 REST = np.array([0.0, -100.0, 90.0, 60.0, 0.0, 30.0], dtype=np.float32)
 
 
@@ -49,20 +47,6 @@ TASKS: dict[str, SyntheticTask] = {t.name: t for t in [
     SyntheticTask("purple-place-center", "pick up the purple cube and place it on the right",
                   (150, 60, 190), (100, 100, 100), (0.0, 20.0), -60.0),
 ]}
-
-
-def features(image_size: int) -> dict:
-    """LeRobot feature spec of the synthetic datasets (SO-100 conventions)."""
-    names = [f"{j}.pos" for j in JOINTS]
-    spec = {
-        "observation.state": {"dtype": "float32", "shape": (6,), "names": names},
-        "action": {"dtype": "float32", "shape": (6,), "names": names},
-    }
-    for cam in CAMERAS:
-        spec[f"observation.images.{cam}"] = {
-            "dtype": "video", "shape": (image_size, image_size, 3),
-            "names": ["height", "width", "channels"]}
-    return spec
 
 
 def _min_jerk(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:

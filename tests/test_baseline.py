@@ -108,7 +108,7 @@ def test_sim_evaluation_on_its_cadence_with_a_mean_over_local_policies(tmp_path,
         return {t: {"success-rate": len(calls) % 2, "episodes": episodes, "mean-steps": 1.0} for t in tasks}
 
     monkeypatch.setattr(baseline, "evaluate_in_sim", fake_evaluate_in_sim)
-    monkeypatch.setattr(baseline, "sim_tasks", lambda entries: [entries[0].target])
+    monkeypatch.setattr(baseline, "simulator_tasks", lambda cfg, registry: [registry.clients[0].target])
     cfg = RunConfig.from_run_config(config_for(tmp_path, **{"num-server-rounds": 3, "sim-eval-every": 2,
                                                             "sim-eval-episodes": 3, "eval-every": 3}))
     run_dir = baseline.run_baseline(cfg, "local", num_clients=2)

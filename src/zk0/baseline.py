@@ -48,7 +48,7 @@ from zk0.evaluate import evaluate_policy
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.registry import DatasetEntry, Registry, RegistryError, load_registry
 from zk0.report import progress_line, summary_table
-from zk0.sim.policy_eval import evaluate_in_sim, policy_image_size, sim_tasks
+from zk0.sim.policy_eval import evaluate_in_sim, policy_image_size, simulator_tasks
 from zk0.strategy import round_lr
 from zk0.tracking import Tracker, write_charts
 from zk0.train import train_steps
@@ -120,7 +120,7 @@ class Baseline:
                        for e in registry.clients]
         self.eval_sets = [(e, open_full(e, self.policy.config)) for e in registry.server_eval]
         self.learners = self._pooled_learner() if mode == "centralized" else self._local_learners()
-        self.sim_tasks = sim_tasks([*registry.clients, *registry.server_eval]) if cfg.sim_eval_every else []
+        self.sim_tasks = simulator_tasks(cfg, load_registry(cfg.datasets))  # as the server: the whole profile
         self.fingerprint = base_fingerprint(self.policy)
         self.run_folder = RunFolder.create(cfg.output_dir, mode, secrets.randbits(63))
         self._write_config()

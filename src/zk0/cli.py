@@ -139,6 +139,7 @@ def baseline(
 
     from zk0.baseline import MODES, run_baseline
     from zk0.config import ConfigError, RunConfig
+    from zk0.data import DatasetError
     from zk0.registry import RegistryError, default_pyproject
 
     if mode not in MODES:
@@ -147,7 +148,7 @@ def baseline(
     fused = get_fused_config_from_dir(default_pyproject().parent, preflight(overrides, None, local_clients=True))
     try:
         run_dir = run_baseline(RunConfig.from_run_config(fused), mode, num_clients)
-    except (ConfigError, RegistryError) as err:
+    except (ConfigError, RegistryError, DatasetError) as err:
         _fail(err)
     typer.secho(f"run folder: {run_dir}", fg=typer.colors.GREEN)
 

@@ -18,14 +18,25 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def simulator_task_names(tasks: list[str] | None) -> list[str]:
+    """The named simulator tasks (default: all client and unseen tasks); unknown names fail in one line."""
+    from zk0 import sim
+
+    names = tasks or [*sim.CLIENT_TASKS, *sim.UNSEEN_TASKS]
+    if unknown := [t for t in names if t not in sim.TASKS]:
+        fail(f"unknown simulator task(s) {', '.join(unknown)}; known: {', '.join(sim.TASKS)}")
+    return names
+
+
 @data_app.command("generate")
 def generate(
     tasks: Annotated[list[str] | None, typer.Argument(help="Simulator tasks (default: all client and unseen tasks).")] = None,
-    episodes: Annotated[int, typer.Option(help="Successful demonstrations to record per task.")] = 10,
+    episodes: Annotated[int, typer.Option(min=1, help="Successful demonstrations to record per task.")] = 10,
     image_size: Annotated[int | None, typer.Option(help="Camera resolution (default: the tiny policy's).")] = None,
     output: Annotated[Path | None, typer.Option(
         help="Folder for <task>/ datasets (default: the embedded-dataset cache the demo reads).")] = None,
-    check_episodes: Annotated[int, typer.Option(help="Seeded expert episodes that measure its success rate.")] = 50,
+    check_episodes: Annotated[int, typer.Option(
+        min=1, help="Seeded expert episodes that measure its success rate.")] = 50,
     force: Annotated[bool, typer.Option("--force", help="Re-record datasets that already exist.")] = False,
 ) -> None:
     """Record expert demonstrations in the MuJoCo SO-101 simulator as LeRobotDataset v3.0 folders.
@@ -37,12 +48,13 @@ def generate(
     import shutil
 
     from zk0 import sim, tiny
-    from zk0.data import embedded_root, embedded_seed
+    from zk0.data import EMBEDDED_EPISODES, embedded_root, embedded_seed
 
-    names = tasks or [*sim.CLIENT_TASKS, *sim.UNSEEN_TASKS]
-    if unknown := [t for t in names if t not in sim.TASKS]:
-        fail(f"unknown simulator task(s) {', '.join(unknown)}; known: {', '.join(sim.TASKS)}")
+    names = simulator_task_names(tasks)
     size = image_size or tiny.IMAGE_SIZE
+    if output is None and (size, episodes) != (tiny.IMAGE_SIZE, EMBEDDED_EPISODES):
+        fail(f"the embedded cache holds {EMBEDDED_EPISODES} episodes at {tiny.IMAGE_SIZE}px (what the demo "
+             "expects); pass --output for other sizes")
     started = time.monotonic()
     for name in names:
         rate = sim.expert_success_rate(name, check_episodes, seed=embedded_seed(name))
@@ -50,8 +62,6 @@ def generate(
             fail(f"task {name}: the scripted expert succeeds in {rate:.0%} of {check_episodes} episodes, "
                  f"below {MIN_EXPERT_SUCCESS:.0%}; its demonstrations would not teach the task")
         root = output / name if output else embedded_root(name)
-        if output is None and size != tiny.IMAGE_SIZE:
-            fail(f"--image-size {size} differs from the tiny policy's {tiny.IMAGE_SIZE}; pass --output for such sets")
         if (root / "meta" / "info.json").exists() and not force:
             typer.echo(f"{name:<22} expert success {rate:6.1%} ({check_episodes} episodes)  exists: {root}")
             continue
@@ -102,9 +112,7 @@ def _evaluate_in_sim(policy, pre, post, tasks: list[str] | None, episodes: int, 
     from zk0 import sim
     from zk0.sim.policy_eval import evaluate_in_sim, policy_image_size
 
-    names = tasks or [*sim.CLIENT_TASKS, *sim.UNSEEN_TASKS]
-    if unknown := [t for t in names if t not in sim.TASKS]:
-        fail(f"unknown simulator task(s) {', '.join(unknown)}; known: {', '.join(sim.TASKS)}")
+    names = simulator_task_names(tasks)
     results = evaluate_in_sim(policy, pre, post, names, episodes, seed, policy_image_size(policy), videos)
     for name, res in results.items():
         kind = "unseen" if name in sim.UNSEEN_TASKS else "client"

@@ -76,6 +76,8 @@ def server_start(
     folder = folder.resolve()
     try:
         settings = deploy.server_settings(folder)
+        if (running := deploy.running_pid(folder, "superlink")) is not None:
+            fail(f"a SuperLink already runs from {folder} (PID {running}); `zk0 server stop -d {folder}` first")
         if insecure:
             typer.secho("warning: --insecure: traffic is unencrypted and any SuperNode may join", fg="yellow", err=True)
             deploy.write_connection(folder / "flwr", f"127.0.0.1:{settings.port}", None)
@@ -143,6 +145,8 @@ def client_start(
     from zk0.registry import DatasetEntry, RegistryError
 
     folder = folder.resolve()
+    if (running := deploy.running_pid(folder, "supernode")) is not None:
+        fail(f"a SuperNode already runs from {folder} (PID {running}); `zk0 client stop -d {folder}` first")
     if insecure:
         typer.secho("warning: --insecure: traffic to the server is unencrypted and unauthenticated", fg="yellow",
                     err=True)
@@ -162,14 +166,17 @@ def client_start(
     env = deploy.flower_env(folder / "flwr")
     folder.mkdir(parents=True, exist_ok=True)
     secret = deploy.runtime_secret(folder) if resident else None
+    started: list[str] = []
     try:
         pid = deploy.start(folder, "supernode", deploy.supernode_command(server, dataset, ca, key, appio, secret), env)
+        started.append("supernode")
         if secret:
             deploy.wait_listening(folder, "supernode", "127.0.0.1", appio, timeout=60)
             deploy.start(folder, "clientapp", deploy.resident_command(appio, pid, secret), env)
+            started.append("clientapp")
         node_id = deploy.wait_connected(folder, "supernode", wait)
     except deploy.DeployError as err:
-        for name in ("clientapp", "supernode"):
+        for name in reversed(started):  # only what this call started
             deploy.stop(folder, name)
         fail(str(err))
     if node_id is None:

@@ -43,7 +43,8 @@ class Run:
 
     @property
     def last_round(self) -> int:
-        return max(r["round"] for r in self.records)
+        """The last round the run completed (a run killed mid-round has records of a partial one)."""
+        return max((r["round"] for r in self.records if r.get("event") == "round"), default=0)
 
     def series(self) -> dict[str, dict[int, float]]:
         """Per-round means of each compared metric, for the rounds where the run logged it."""

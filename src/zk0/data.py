@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from lerobot.datasets.compute_stats import aggregate_stats, get_feature_stats
 from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+from lerobot.datasets.utils import CompatibilityError
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 
 from zk0 import sim, tiny
@@ -82,6 +83,9 @@ def open_metadata(entry: DatasetEntry) -> LeRobotDatasetMetadata:
     repo_id, root = locate(entry)
     try:
         return LeRobotDatasetMetadata(repo_id, root=root)
+    except CompatibilityError as err:  # an older (or newer) LeRobot format: converting fixes it, not the network
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DatasetError(f"dataset {entry.uri!r}: {first}") from None
     except Exception as err:  # hub, filesystem and format errors all surface here
         hint = ("the Hugging Face hub is unreachable or HF_HUB_OFFLINE is set; download it on a connected "
                 "machine and register it as local:/path") if entry.scheme == "hf" else "check the folder"

@@ -71,7 +71,7 @@ class _Frames:
 
 def run_check(uris: list[str]) -> tuple[list[str], bool]:
     """Check ``uris`` alone and against each other: the report lines and whether all are clean."""
-    reports = [check_dataset(uri) for uri in uris]
+    reports = [check_dataset(uri) for uri in dict.fromkeys(uris)]  # a URI named twice is one dataset
     cross = cross_check(reports)
     return format_report(reports, cross), not cross and all(r.ok for r in reports)
 

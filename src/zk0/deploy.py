@@ -224,27 +224,44 @@ def start(folder: Path, name: str, cmd: list[str], env: dict[str, str]) -> int:
                           f"stop it first")
     (folder / "pids").mkdir(parents=True, exist_ok=True)
     (folder / "logs").mkdir(parents=True, exist_ok=True)
-    with (folder / "logs" / f"{name}.log").open("ab") as log:
+    log_path = folder / "logs" / f"{name}.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0  # this launch's lines start here
+    with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    (folder / "pids" / f"{name}.pid").write_text(json.dumps({"pid": proc.pid, "cmd": Path(cmd[0]).name}) + "\n")
+    program = cmd[2] if len(cmd) > 2 and cmd[1] == "-m" else Path(cmd[0]).name  # python -m zk0.resident
+    record = {"pid": proc.pid, "program": program, "started": _start_time(proc.pid), "log-offset": offset}
+    (folder / "pids" / f"{name}.pid").write_text(json.dumps(record) + "\n")
     deadline = time.monotonic() + 10
     while running_pid(folder, name) is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # until the child has exec'd the program its PID file names
     return proc.pid
 
 
-def running_pid(folder: Path, name: str) -> int | None:
-    """The PID recorded for ``name`` if that process still runs the recorded program (else None)."""
-    path = folder / "pids" / f"{name}.pid"
-    if not path.is_file():
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot: a reused PID has another one."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
         return None
-    record = json.loads(path.read_text())
+
+
+def _record(folder: Path, name: str) -> dict | None:
+    path = folder / "pids" / f"{name}.pid"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def running_pid(folder: Path, name: str) -> int | None:
+    """The PID recorded for ``name`` if that very process (same start time) still runs its program."""
+    if (record := _record(folder, name)) is None:
+        return None
     try:
         cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
-    return record["pid"] if any(record["cmd"].encode() in part for part in cmdline) else None
+    same = _start_time(record["pid"]) == record["started"] and any(record["program"].encode() in part
+                                                                    for part in cmdline)
+    return record["pid"] if same else None
 
 
 def stop(folder: Path, name: str, timeout: float = 30.0) -> bool:
@@ -300,11 +317,9 @@ def wait_connected(folder: Path, name: str, timeout: float) -> str | None:
     A SuperNode that was refused (unregistered key, untrusted certificate) exits: that becomes
     a :class:`DeployError` with the reason from its log.
     """
-    log = folder / "logs" / f"{name}.log"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        if match := re.search(r"SuperNode ID: (\d+)", text):
+        if match := re.search(r"SuperNode ID: (\d+)", _this_launch_log(folder, name)):
             return match.group(1)
         if running_pid(folder, name) is None:
             raise _exited(folder, name)
@@ -314,10 +329,21 @@ def wait_connected(folder: Path, name: str, timeout: float) -> str | None:
 
 def _exited(folder: Path, name: str) -> DeployError:
     """The error for a process that exited: the reasons its log gives (Flower's own error lines)."""
-    log = folder / "logs" / f"{name}.log"
-    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    lines = _this_launch_log(folder, name).splitlines()
     reasons = [line for line in lines if re.search(r"ERROR|Error|Failed|SSL|code: ", line)] or lines[-10:]
+    log = folder / "logs" / f"{name}.log"
     return DeployError(f"{name} was refused or failed (log {log}):\n" + "\n".join(reasons[-6:]))
+
+
+def _this_launch_log(folder: Path, name: str) -> str:
+    """The log lines of the latest launch only (logs are appended across restarts)."""
+    log = folder / "logs" / f"{name}.log"
+    if not log.exists():
+        return ""
+    record = _record(folder, name) or {}
+    with log.open("rb") as f:
+        f.seek(record.get("log-offset", 0))
+        return f.read().decode(errors="replace")
 
 
 def free_port() -> int:

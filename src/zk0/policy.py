@@ -19,7 +19,7 @@ from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-from zk0 import sim, tiny
+from zk0 import so101, tiny
 from zk0.config import RunConfig
 
 TINY = "tiny"
@@ -48,9 +48,9 @@ def local_config(name: str, chunk_size: int, device: str) -> SmolVLAConfig:
     Camera frames are resized (with padding) to the VLM's own image size, as SmolVLA does.
     """
     image_size = tiny.VLMS[name].image_size
-    spec = sim.features(tiny.IMAGE_SIZE)
+    spec = so101.features(tiny.IMAGE_SIZE)
     inputs = {"observation.state": PolicyFeature(FeatureType.STATE, spec["observation.state"]["shape"])}
-    for cam in sim.CAMERAS:
+    for cam in so101.CAMERAS:
         inputs[f"observation.images.{cam}"] = PolicyFeature(FeatureType.VISUAL, (3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE))
     return SmolVLAConfig(
         vlm_model_name=str(tiny.ensure_vlm(name)), load_vlm_weights=False, num_vlm_layers=LOCAL_MODELS[name],

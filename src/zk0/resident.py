@@ -58,6 +58,7 @@ from zk0 import client_app
 
 APP_ID = "zk0/zk0"  # publisher/name in pyproject.toml
 APP_REF = "zk0.client_app:app"
+FLOWER = "1.42.0"  # the task protocol below uses this release's private runtime API
 POLL_SECONDS = 0.2  # idle wait between AcquireTask calls (loopback, cheap)
 TASK_RETRY_SECONDS = 600.0  # how long one task's calls ride out a SuperNode that is briefly away
 TRANSIENT_HTTP = (502, 503, 504)
@@ -222,6 +223,9 @@ def serve(address: str, insecure: bool, root_certificates: bytes | None, parent_
 
     ``auth_secret`` is the SuperNode's ``--superexec-auth-secret-file`` content, when it has one.
     """
+    if version("flwr") != FLOWER:
+        raise SystemExit(f"zk0 resident worker is built on Flower {FLOWER} internals, found flwr {version('flwr')}: "
+                         "install flwr=={FLOWER} or start the node with `zk0 client start --no-resident`")
     worker = Worker(address, insecure, root_certificates, auth_secret)
     register_signal_handlers(EventType.FLWR_CLIENTAPP_RUN_LEAVE, "zk0 resident worker stopped.",
                              exit_handlers=[worker.close])

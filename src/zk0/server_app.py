@@ -14,13 +14,13 @@ from lerobot.policies.factory import make_pre_post_processors
 
 from zk0.audit import AuditLog
 from zk0.checkpoint import RunFolder, ServerState, model_card, save_checkpoint
-from zk0.config import ConfigError, RunConfig
+from zk0.config import RunConfig
 from zk0.data import decode_stats, eval_batches, open_full, pool_stats
 from zk0.evaluate import evaluate_policy
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.registry import Registry, load_registry
 from zk0.report import progress_line, summary_table
-from zk0.sim.policy_eval import evaluate_in_sim, policy_image_size, sim_tasks
+from zk0.sim.policy_eval import evaluate_in_sim, policy_image_size, simulator_tasks
 from zk0.strategy import RoundFailed, SmolVLAStrategy
 from zk0.tracking import Tracker, write_charts
 
@@ -55,16 +55,6 @@ def main(grid: Grid, context: Context) -> None:
     for line in summary_table([tracker.round_summary(r) | {"round": r} for r in range(cfg.num_server_rounds + 1)]):
         log(INFO, "%s", line)
     log(INFO, "zk0 run folder: %s", run.root)
-
-
-def simulator_tasks(cfg: RunConfig, registry: Registry) -> list[str]:
-    """The tasks closed-loop evaluation rolls out (none unless ``sim-eval-every`` > 0)."""
-    if not cfg.sim_eval_every:
-        return []
-    if not (tasks := sim_tasks([*registry.clients, *registry.server_eval])):
-        raise ConfigError(f"run-config sim-eval-every={cfg.sim_eval_every} but dataset profile {cfg.datasets!r} "
-                          "has no simulator tasks (embedded:<task>); set sim-eval-every=0")
-    return tasks
 
 
 def open_run(cfg: RunConfig, registry: Registry, fingerprint: str, run_id: int) -> tuple[RunFolder, ServerState | None]:
@@ -112,22 +102,30 @@ def save_state(server_round: int, cfg: RunConfig, strategy: SmolVLAStrategy, run
 def exchange(grid: Grid, cfg: RunConfig, server_round: int, phase: str, messages, strategy: SmolVLAStrategy) -> None:
     """Send one phase's messages, wait up to ``round-timeout``, log who never answered, aggregate."""
     messages = list(messages)
-    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else []
-    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    for reply in replies:  # the SuperLink itself answers for a node it lost ("Node Unavailable"): name that node
-        reply.metadata.__dict__["_src_node_id"] = destination.get(reply.metadata.reply_to_message_id,
-                                                                  reply.metadata.src_node_id)
-    missing = sorted(set(destination.values()) - {r.metadata.src_node_id for r in replies})
-    for node in missing:
-        log(WARNING, "round %d: node %s sent no %s reply within round-timeout=%.0fs", server_round, node, phase,
-            cfg.round_timeout)
-        strategy.audit.missing(server_round, phase, node, cfg.round_timeout)
+    replies = send(grid, cfg, server_round, phase, messages, strategy.audit)
+    answered = {r.metadata.src_node_id for r in replies}
+    for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
         strategy.on_event({"round": server_round, "source": "server", "event": "missing-reply", "phase": phase,
                            "node": node})
     if phase == "train":
         strategy.aggregate_train(server_round, replies)
     elif messages:
         strategy.aggregate_evaluate(server_round, replies)
+
+
+def send(grid: Grid, cfg: RunConfig, server_round: int, phase: str, messages: list[Message],
+         audit: AuditLog) -> list[Message]:
+    """Send and wait up to ``round-timeout``; replies carry the node they answer for; silent nodes are logged."""
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else []
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    for reply in replies:  # the SuperLink itself answers for a node it lost ("Node Unavailable"): name that node
+        reply.metadata.__dict__["_src_node_id"] = destination.get(reply.metadata.reply_to_message_id,
+                                                                  reply.metadata.src_node_id)
+    for node in sorted(set(destination.values()) - {r.metadata.src_node_id for r in replies}):
+        log(WARNING, "round %d: node %s sent no %s reply within round-timeout=%.0fs", server_round, node, phase,
+            cfg.round_timeout)
+        audit.missing(server_round, phase, node, cfg.round_timeout)
+    return replies
 
 
 def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog) -> str:
@@ -140,17 +138,21 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog) -> str:
         time.sleep(1)
     messages = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
                 for n in nodes]
-    stats = []
-    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+    for message in messages:
+        audit.sent(0, "query", message)
+    reported = []
+    for reply in send(grid, cfg, 0, "query", messages, audit):
         if reply.has_error():
             log(WARNING, "node %s could not report dataset stats: %s", reply.metadata.src_node_id, reply.error.reason)
             audit.received(0, "query", reply, accepted=False, reason=reply.error.reason)
         else:
-            stats.append(str(reply.content["stats"]["norm-stats"]))
+            reported.append(reply)
             audit.received(0, "query", reply, accepted=True)
-    if len(stats) < needed:
-        raise RoundFailed(f"{len(stats)} of {len(nodes)} clients reported dataset stats; need {needed}")
-    return pool_stats(stats)
+    if len(reported) < needed:
+        raise RoundFailed(f"{len(reported)} of {len(nodes)} clients reported dataset stats; need {needed}")
+    reported.sort(key=lambda r: (int(r.content["stats"]["partition-id"]), str(r.content["stats"]["dataset"]),
+                                 r.metadata.src_node_id))  # a fixed pooling order: same stats, same bits
+    return pool_stats([str(r.content["stats"]["norm-stats"]) for r in reported])
 
 
 class RoundEnd:

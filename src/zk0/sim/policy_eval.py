@@ -23,7 +23,8 @@ from lerobot.processor import PolicyProcessorPipeline
 
 from zk0.sim.expert import grasp_rotation, plan
 from zk0.sim.rollout import Act, rollout, write_mp4
-from zk0.registry import DatasetEntry
+from zk0.config import ConfigError, RunConfig
+from zk0.registry import DatasetEntry, Registry
 from zk0.sim.scene import JOINTS, TASKS, get_task, sample_spawn
 
 STEP_SLACK = 1.5  # default episode budget: this many times the expert's plan length
@@ -108,6 +109,17 @@ def evaluate_in_sim(policy: SmolVLAPolicy, preprocessor: PolicyProcessorPipeline
 def sim_tasks(entries: Iterable[DatasetEntry]) -> list[str]:
     """The simulator tasks among registry entries (embedded datasets named after a zk0.sim task)."""
     return [e.target for e in entries if e.scheme == "embedded" and e.target in TASKS]
+
+
+def simulator_tasks(cfg: RunConfig, registry: Registry) -> list[str]:
+    """The tasks closed-loop evaluation rolls out: every simulator task of the registry profile
+    (whichever clients take part), none unless ``sim-eval-every`` > 0."""
+    if not cfg.sim_eval_every:
+        return []
+    if not (tasks := sim_tasks([*registry.clients, *registry.server_eval])):
+        raise ConfigError(f"run-config sim-eval-every={cfg.sim_eval_every} but dataset profile {cfg.datasets!r} "
+                          "has no simulator tasks (embedded:<task>); set sim-eval-every=0")
+    return tasks
 
 
 def policy_image_size(policy: SmolVLAPolicy) -> int:

@@ -18,7 +18,8 @@ import numpy as np
 
 from zk0.sim.env import SimEnv
 from zk0.sim.expert import Expert
-from zk0.sim.scene import CAMERAS, FPS, JOINTS, ROBOT_TYPE, Task, get_task
+from zk0.sim.scene import Task, get_task
+from zk0.so101 import CAMERAS, FPS, ROBOT_TYPE, features
 
 MAX_ATTEMPTS_FACTOR = 2  # give up when the expert fails more often than it succeeds
 
@@ -38,20 +39,6 @@ class RecordReport:
     def success_rate(self) -> float:
         """Share of simulated expert episodes that succeeded (and were recorded)."""
         return self.successes / self.attempts if self.attempts else 0.0
-
-
-def features(image_size: int) -> dict:
-    """LeRobot feature spec: SO-100/SO-101 joint names (``.pos``), two video cameras."""
-    names = [f"{j}.pos" for j in JOINTS]
-    spec = {
-        "observation.state": {"dtype": "float32", "shape": (len(JOINTS),), "names": names},
-        "action": {"dtype": "float32", "shape": (len(JOINTS),), "names": names},
-    }
-    for cam in CAMERAS:
-        spec[f"observation.images.{cam}"] = {
-            "dtype": "video", "shape": (image_size, image_size, 3),
-            "names": ["height", "width", "channels"]}
-    return spec
 
 
 def demonstrate(env: SimEnv, seed: int) -> tuple[list[dict], bool]:

@@ -22,10 +22,7 @@ from typing import Literal
 import mujoco
 import numpy as np
 
-JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
-FPS = 30
-ROBOT_TYPE = "so101_follower"
-CAMERAS = ("front", "wrist")
+from zk0.so101 import CAMERAS, FPS, JOINTS, ROBOT_TYPE  # noqa: F401 (re-exported to the simulator's modules)
 SUBSTEPS = 16  # physics steps per control step: 1/(30*16) s ~ the shipped 2 ms timestep
 REST_DEG = np.array([0.0, -90.0, 90.0, 37.8, 0.0, 0.0])  # the package's rest pose, gripper closed
 FRONT_VIEW = {"lookat": (0.16, 0.0, 0.03), "distance": 0.45, "azimuth": 180.0, "elevation": -35.0}
