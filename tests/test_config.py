@@ -129,3 +129,11 @@ def test_to_run_config_round_trips(run_config):
 def test_run_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().lr = 1.0  # type: ignore[misc]
+
+
+def test_round_schedules():
+    cfg = RunConfig(num_server_rounds=7, eval_every=3, sim_eval_every=5, checkpoint_interval=2)
+    assert [r for r in range(8) if cfg.evaluates(r)] == [0, 3, 6, 7]
+    assert [r for r in range(8) if cfg.sim_evaluates(r)] == [0, 5, 7]
+    assert [r for r in range(8) if cfg.checkpoints(r)] == [2, 4, 6, 7]
+    assert not any(RunConfig(sim_eval_every=0).sim_evaluates(r) for r in range(4))

@@ -190,15 +190,15 @@ class Baseline:
 
     def end_round(self, server_round: int, started: float) -> None:
         """Evaluate, log the round, checkpoint and report, on the federated run's schedule."""
-        cfg, last = self.cfg, server_round == self.cfg.num_server_rounds
-        if server_round % cfg.eval_every == 0 or last:
+        cfg = self.cfg
+        if cfg.evaluates(server_round):
             self.evaluate(server_round)
-        if self.sim_tasks and (server_round % cfg.sim_eval_every == 0 or last):
+        if self.sim_tasks and cfg.sim_evaluates(server_round):
             self.evaluate_in_sim(server_round)
         self.tracker.log({"round": server_round, "source": "server", "event": "round", "bytes-down": 0,
                           "bytes-up": 0, "seconds": round(time.monotonic() - started, 2)})
         summary = self.tracker.round_summary(server_round)
-        if server_round > 0 and (server_round % cfg.checkpoint_interval == 0 or last):
+        if cfg.checkpoints(server_round):
             self.checkpoint(server_round, summary)
         log(INFO, "%s", progress_line(server_round, cfg.num_server_rounds, summary))
 

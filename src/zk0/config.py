@@ -83,6 +83,20 @@ class RunConfig:
         """The proximal coefficient actually applied: FedAvg is FedProx with mu = 0."""
         return self.proximal_mu if self.strategy == "fedprox" else 0.0
 
+    def evaluates(self, server_round: int) -> bool:
+        """Offline evaluation rounds: round 0, every ``eval-every`` rounds and the last round."""
+        return server_round % self.eval_every == 0 or server_round == self.num_server_rounds
+
+    def sim_evaluates(self, server_round: int) -> bool:
+        """Closed-loop rounds: round 0, every ``sim-eval-every`` rounds and the last (never when 0)."""
+        return self.sim_eval_every > 0 and (server_round % self.sim_eval_every == 0
+                                            or server_round == self.num_server_rounds)
+
+    def checkpoints(self, server_round: int) -> bool:
+        """Checkpoint rounds: every ``checkpoint-interval`` rounds and the last round (never round 0)."""
+        return server_round > 0 and (server_round % self.checkpoint_interval == 0
+                                     or server_round == self.num_server_rounds)
+
     def validate(self) -> None:
         """Check ranges and choices; raise :class:`ConfigError` naming the first bad key."""
         _choice("strategy", self.strategy, STRATEGIES)

@@ -169,10 +169,8 @@ class RoundEnd:
         self.started = time.monotonic()
 
     def __call__(self, server_round: int) -> None:
-        last = server_round == self.cfg.num_server_rounds
-        evaluating = server_round % self.cfg.eval_every == 0 or last
-        checkpointing = server_round > 0 and (server_round % self.cfg.checkpoint_interval == 0 or last)
-        sim_evaluating = bool(self.sim_tasks) and (server_round % max(self.cfg.sim_eval_every, 1) == 0 or last)
+        evaluating, checkpointing = self.cfg.evaluates(server_round), self.cfg.checkpoints(server_round)
+        sim_evaluating = bool(self.sim_tasks) and self.cfg.sim_evaluates(server_round)
         if evaluating or checkpointing or sim_evaluating:
             load_trainable(self.policy, self.strategy.master)
         if evaluating:

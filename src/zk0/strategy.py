@@ -95,7 +95,7 @@ class SmolVLAStrategy(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Federated evaluation every ``eval-every`` rounds and at the last round."""
-        if server_round % self.cfg.eval_every and server_round != self.cfg.num_server_rounds:
+        if not self.cfg.evaluates(server_round):
             return []
         messages = list(super().configure_evaluate(server_round, arrays, self._round_config(config, arrays), grid))
         self._sent(server_round, "evaluate", arrays, messages)
