@@ -1,14 +1,12 @@
 """zk0.resident: the long-lived ClientApp worker of a SuperNode in process isolation.
 
-Unit tests drive one task through the worker with Flower's Runtime API calls replaced;
-the e2e test runs a loopback deployment (SuperLink, 2 SuperNodes, 2 workers) through
-``flwr run`` and checks that each worker built its policy once for the whole run.
+Unit tests drive tasks through the worker with Flower's Runtime API calls replaced; the
+deployment e2e tests (tests/test_deploy.py) run resident workers behind real SuperNodes.
 """
 
 from __future__ import annotations
 
 import io
-import sys
 import threading
 import time
 import zipfile
@@ -24,10 +22,6 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from zk0 import resident
-from zk0.tracking import read_metrics
-
-sys.path.insert(0, str(ROOT / "bench"))
-from deploy_round import Federation  # noqa: E402
 
 PYPROJECT = (ROOT / "pyproject.toml").read_text()
 
@@ -103,22 +97,6 @@ def test_app_exception_is_an_error_reply_and_the_worker_keeps_serving(monkeypatc
     assert "dataset missing" in failed.error.reason
     assert not ok.has_error()
     assert [status for status, _ in api.outputs] == [SubStatus.FAILED, SubStatus.COMPLETED]
-
-
-@pytest.mark.e2e
-def test_deployment_with_resident_workers_builds_each_policy_once(tmp_path):
-    with Federation(tmp_path, resident=True) as fed:
-        run_dir = fed.run("num-server-rounds=2 local-steps=2 batch-size=4 eval-batches=1 eval-every=2", timeout=240)
-        workers = [fed.log(f"worker{i}") for i in range(2)]
-        nodes = [fed.log(f"node{i}") for i in range(2)]
-    records = read_metrics(run_dir / "metrics.jsonl")
-    assert {r["partition"] for r in records if r["source"] == "client"} == {0, 1}
-    assert (run_dir / "checkpoints" / "round_2" / "model.safetensors").is_file()
-    for worker, node in zip(workers, nodes):
-        # stats query, round-0 evaluation, train in rounds 1 and 2, evaluation after round 2 (eval-every=2)
-        assert node.count("Sent successfully") == 5
-        assert worker.count("built policy and dataset") == 1, worker[-3000:]
-        assert "ClientApp raised" not in worker
 
 
 def test_a_task_whose_message_never_arrives_does_not_block_the_next(monkeypatch):
