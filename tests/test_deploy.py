@@ -99,6 +99,13 @@ def test_two_nodes_with_tls_and_node_auth_run_two_rounds(federation):
     assert len(builds) == 2, "each resident ClientApp builds its policy and data once per run"
 
 
+def test_zk0_run_exits_nonzero_when_the_run_fails(federation):
+    """Three nodes required, two online: the ServerApp gives up after round-timeout and the run fails."""
+    proc = zk0("run", "-d", str(federation.server), "-c", "min-train-nodes=3 round-timeout=5", timeout=300,
+               check=False)
+    assert proc.returncode == 1 and "finished:failed" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_a_node_with_an_unregistered_key_is_refused(federation, tmp_path):
     zk0("client", "keygen", "-d", str(tmp_path / "stranger"))
     proc = zk0("client", "start", "-d", str(tmp_path / "stranger"), "--server", f"127.0.0.1:{federation.port}",
