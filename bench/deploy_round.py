@@ -1,6 +1,7 @@
 """Wall time of a deployed round: a new ClientApp process per message vs resident zk0 workers.
 
-Starts a loopback, insecure SuperLink and two SuperNodes, first in Flower's default
+Starts a loopback, insecure SuperLink and two SuperNodes with zk0's own deployment code
+(:mod:`zk0.deploy`, as `zk0 server/client start` do), first in Flower's default
 ``--isolation subprocess`` (a ``flwr-clientapp`` process per message, which imports torch
 and LeRobot and rebuilds the policy and dataset every time: "before"), then in
 ``--isolation process`` with one ``python -m zk0.resident`` worker per SuperNode ("after"),
@@ -20,8 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,45 +33,20 @@ from pathlib import Path
 import psutil
 
 try:
-    from zk0.tracking import read_metrics
+    from zk0 import deploy
 except ImportError:  # package not installed: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from zk0.tracking import read_metrics
+    from zk0 import deploy
+from zk0.tracking import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 MIB = 2**20
+DATASETS = ["embedded:red-pick", "embedded:blue-pick-small"]
 # Per model: the run config (bounded CPU time for the 450M-parameter model on a laptop).
 RUN_CONFIGS = {
     "tiny": "model-name='tiny' local-steps=2 batch-size=4 eval-batches=1",
     "smolvla-size": "model-name='smolvla-size' local-steps=1 batch-size=1 eval-batches=1",
 }
-
-
-def free_port() -> int:
-    """A free loopback TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Flower's home in the bench folder, no telemetry, no installs, our venv first (SuperExec is found on PATH)."""
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}:{os.environ['PATH']}",
-            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "HF_HUB_OFFLINE": "1"}
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group (a SuperNode's SuperExec and ClientApps are in it), SIGKILL if it lingers."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 class RssSampler(threading.Thread):
@@ -97,35 +71,18 @@ class RssSampler(threading.Thread):
 
 
 class Federation:
-    """A loopback SuperLink and SuperNodes (with one resident worker each when ``resident``)."""
+    """A loopback insecure SuperLink and SuperNodes started the way `zk0 server/client start` start them
+    (with one resident worker each when ``resident``), each process tracked by its PID file."""
 
     def __init__(self, folder: Path, resident: bool, nodes: int = 2) -> None:
         self.folder, self.resident, self.nodes = folder, resident, nodes
-        self.env = flower_env(folder / "flwr")
-        self.procs: list[subprocess.Popen] = []
+        self.names: list[tuple[Path, str]] = []
         self.node_groups: list[set[int]] = []
 
-    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = (self.folder / f"{name}.log").open("w")
-        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        """A process's output so far (``superlink``, ``node0``, ``worker0``, ...)."""
-        return (self.folder / f"{name}.log").read_text()
-
-    def _wait_listening(self, port: int, proc: subprocess.Popen, name: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited: {self.log(name)[-2000:]}")
-            time.sleep(0.3)
-        raise TimeoutError(f"{name} not listening on {port} after {timeout:.0f}s")
+    def _start(self, folder: Path, name: str, cmd: list[str]) -> int:
+        pid = deploy.start(folder, name, cmd, {**deploy.flower_env(folder / "flwr"), "HF_HUB_OFFLINE": "1"})
+        self.names.append((folder, name))
+        return pid
 
     def __enter__(self) -> Federation:
         try:
@@ -136,49 +93,41 @@ class Federation:
         return self
 
     def _start_all(self) -> None:
-        port = free_port()
-        (self.folder / "flwr").mkdir(parents=True)
-        (self.folder / "flwr" / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-        link = self._start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess",
-                                         "--host", "127.0.0.1", "--port", str(port),
-                                         "--disable-runtime-dependency-installation"])
-        self._wait_listening(port, link, "superlink")
-        isolation = "process" if self.resident else "subprocess"
-        nodes = []
+        server = self.folder / "server"
+        port = deploy.init_server(server, [], "127.0.0.1", deploy.free_port()).port
+        deploy.write_connection(server / "flwr", f"127.0.0.1:{port}", None)
+        self._start(server, "superlink", deploy.superlink_command(server, insecure=True))
+        deploy.wait_listening(server, "superlink", "127.0.0.1", port, timeout=60)
         for i in range(self.nodes):
-            runtime_port = free_port()
-            node = self._start(f"node{i}", [
-                str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                "--node-config", f"partition-id={i} num-partitions={self.nodes}", "--isolation", isolation,
-                "--host", "127.0.0.1", "--port", str(runtime_port)])
-            nodes.append((node, runtime_port))
-            group = {node.pid}
-            if self.resident:  # starts with its SuperNode (imports overlap), retries until its Runtime API listens
-                group.add(self._start(f"worker{i}", [
-                    sys.executable, "-m", "zk0.resident", "--appio-api-address", f"127.0.0.1:{runtime_port}",
-                    "--insecure", "--parent-pid", str(node.pid)]).pid)
+            node, appio = self.folder / f"node{i}", deploy.free_port()
+            node.mkdir()
+            secret = deploy.runtime_secret(node) if self.resident else None
+            pid = self._start(node, "supernode", deploy.supernode_command(
+                f"127.0.0.1:{port}", DATASETS[i % len(DATASETS)], None, None, appio, secret))
+            group = {pid}
+            if secret:
+                deploy.wait_listening(node, "supernode", "127.0.0.1", appio, timeout=60)
+                group.add(self._start(node, "clientapp", deploy.resident_command(appio, pid, secret)))
             self.node_groups.append(group)
-        for i, (node, runtime_port) in enumerate(nodes):
-            self._wait_listening(runtime_port, node, f"node{i}")
 
     def __exit__(self, *_exc: object) -> None:
-        for proc in reversed(self.procs):
-            stop(proc)
+        for folder, name in reversed(self.names):
+            deploy.stop(folder, name)
 
     def flwr(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        """Run the ``flwr`` CLI against this SuperLink (connection ``local``)."""
-        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, timeout=timeout, capture_output=True,
+        """Run the ``flwr`` CLI against this SuperLink (connection ``zk0``)."""
+        env = deploy.flower_env(self.folder / "server" / "flwr")
+        return subprocess.run([str(deploy.BIN / "flwr"), *args], env=env, timeout=timeout, capture_output=True,
                               text=True)
 
     def run(self, run_config: str, timeout: float) -> Path:
         """Submit the zk0 app, wait for it, check it completed, and return its run folder."""
         out = self.folder / "outputs"
-        streamed = self.flwr("run", str(ROOT), "local", "--stream", "--run-config",
+        streamed = self.flwr("run", str(ROOT), deploy.CONNECTION, "--stream", "--run-config",
                              f"{run_config} output-dir='{out}'", timeout=timeout)
         (self.folder / "flwr-run.log").write_text(streamed.stdout + streamed.stderr)
         # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink.
-        runs = json.loads(self.flwr("ls", "local", "--format", "json", timeout=60).stdout)["runs"]
+        runs = json.loads(self.flwr("ls", deploy.CONNECTION, "--format", "json", timeout=60).stdout)["runs"]
         if [r["status"] for r in runs] != ["finished:completed"]:
             raise RuntimeError(f"run did not complete: {runs}; see {self.folder}")
         (run_dir,) = out.iterdir()
@@ -218,7 +167,7 @@ def cold_start(model: str) -> dict[str, float]:
 
     imported = time.monotonic()
     run_config = get_fused_config_from_dir(ROOT, {"model-name": model, "batch-size": 1})
-    client_app.runtime(Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+    client_app.runtime(Context(run_id=1, node_id=1, node_config={"dataset": DATASETS[0]}, state=RecordDict(),
                                run_config=run_config))
     return {"import_s": imported - start, "build_s": time.monotonic() - imported}
 
