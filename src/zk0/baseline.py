@@ -12,8 +12,8 @@ Everything that decides a number is shared with the federation: the episode spli
 (``held-out-fraction``, ``split-seed``), the initial weights (``build_policy``), the
 normalisation (centralized: the clients' stats pooled as the server pools them; local: each
 client's own), the per-round lr (``round_lr``), the seeds (``seed + 1000 × round +
-partition``), training (``train_steps``, mu = 0) and evaluation (``evaluate_policy`` on
-``eval_batches``). So round 0 of a centralized baseline evaluates exactly what round 0 of a
+partition``), training (``train_steps``, mu = 0) and evaluation (``evaluate_dataset``, the same
+frame selection). So round 0 of a centralized baseline evaluates exactly what round 0 of a
 federated run evaluates.
 
 Local mode keeps one policy object and swaps each client's trainable tensors in and out: the
@@ -42,9 +42,9 @@ from lerobot.policies.factory import make_pre_post_processors
 
 from zk0.checkpoint import RunFolder, model_card, save_checkpoint
 from zk0.config import ConfigError, RunConfig
-from zk0.data import (DatasetSplit, batches, decode_stats, encode_stats, eval_batches, open_full, open_split,
+from zk0.data import (DatasetSplit, batches, decode_stats, encode_stats, open_full, open_split,
                       pool_stats, rename_cameras, train_loader, vector_stats)
-from zk0.evaluate import evaluate_policy
+from zk0.evaluate import evaluate_dataset
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.registry import DatasetEntry, Registry, RegistryError, load_registry
 from zk0.report import progress_line, summary_table
@@ -227,9 +227,7 @@ class Baseline:
             self.tracker.log(self._server_record(server_round, name, values))
 
     def _evaluate(self, learner: Learner, dataset: torch.utils.data.Dataset, entry: DatasetEntry) -> dict[str, float]:
-        return evaluate_policy(self.policy, learner.pre, learner.post,
-                               eval_batches(dataset, self.cfg.batch_size, self.cfg.eval_batches, entry.cameras),
-                               seed=self.cfg.seed)
+        return evaluate_dataset(self.policy, learner.pre, learner.post, dataset, entry.cameras, self.cfg)
 
     def evaluate_in_sim(self, server_round: int) -> None:
         """Closed-loop success rate of every learner on the registry's simulator tasks."""

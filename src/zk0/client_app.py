@@ -16,9 +16,9 @@ from lerobot.policies.factory import make_pre_post_processors
 
 from zk0 import transport
 from zk0.config import RunConfig
-from zk0.data import (DatasetSplit, batches, decode_stats, encode_stats, eval_batches, open_split, train_loader,
+from zk0.data import (DatasetSplit, batches, decode_stats, encode_stats, open_split, train_loader,
                       vector_stats)
-from zk0.evaluate import evaluate_policy
+from zk0.evaluate import evaluate_dataset
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_shapes, trainable_state
 from zk0.registry import DatasetEntry, load_registry
 from zk0.strategy import payload_config
@@ -128,10 +128,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     rt = runtime(context)
     _, config = receive_global(rt, msg)
     pre, post = rt.pre_post(str(config["norm-stats"]))
-    split = rt.split
-    result = evaluate_policy(rt.policy, pre, post,
-                             eval_batches(split.held_out, rt.cfg.batch_size, rt.cfg.eval_batches, split.entry.cameras),
-                             seed=rt.cfg.seed)
+    result = evaluate_dataset(rt.policy, pre, post, rt.split.held_out, rt.split.entry.cameras, rt.cfg)
     metrics = MetricRecord({"eval-loss": result["loss"], "eval-action-mae": result["action_mae"],
                             "num-examples": int(result["frames"])})
     payload = ConfigRecord({**about(rt), "server-round": int(config["server-round"])})

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 
 import torch
 
-from zk0.data import ACTION
+from zk0.config import RunConfig
+from zk0.data import ACTION, eval_batches
 
 
 @torch.no_grad()
@@ -38,3 +39,12 @@ def evaluate_policy(policy, preprocessor, postprocessor, batches: Iterable[dict]
     if frames == 0:
         raise ValueError("evaluation got no batches: the evaluation split is empty")
     return {"loss": loss_sum / frames, "action_mae": err_sum / max(valid_sum, 1.0), "frames": float(frames)}
+
+
+def evaluate_dataset(policy, preprocessor, postprocessor, dataset, cameras: dict[str, str],
+                     cfg: RunConfig) -> dict[str, float]:
+    """:func:`evaluate_policy` on the run config's fixed selection of ``dataset``'s frames.
+
+    Server, clients and baselines all evaluate through this, so their numbers compare."""
+    return evaluate_policy(policy, preprocessor, postprocessor,
+                           eval_batches(dataset, cfg.batch_size, cfg.eval_batches, cameras), seed=cfg.seed)

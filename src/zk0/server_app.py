@@ -15,8 +15,8 @@ from lerobot.policies.factory import make_pre_post_processors
 from zk0.audit import AuditLog
 from zk0.checkpoint import RunFolder, ServerState, model_card, save_checkpoint
 from zk0.config import RunConfig
-from zk0.data import decode_stats, eval_batches, open_full, pool_stats
-from zk0.evaluate import evaluate_policy
+from zk0.data import decode_stats, open_full, pool_stats
+from zk0.evaluate import evaluate_dataset
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.registry import Registry, load_registry
 from zk0.report import progress_line, summary_table
@@ -201,8 +201,6 @@ class RoundEnd:
     def evaluate(self, server_round: int) -> None:
         """Server evaluation on the unseen-task datasets."""
         for entry, dataset in self.eval_sets:
-            res = evaluate_policy(self.policy, self.pre, self.post,
-                                  eval_batches(dataset, self.cfg.batch_size, self.cfg.eval_batches, entry.cameras),
-                                  seed=self.cfg.seed)
+            res = evaluate_dataset(self.policy, self.pre, self.post, dataset, entry.cameras, self.cfg)
             self.tracker.log({"round": server_round, "source": "server", "dataset": entry.name,
                               "eval-loss": res["loss"], "eval-action-mae": res["action_mae"]})
