@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from zk0 import sim
-from zk0.sim.scene import JOINTS, sample_spawn
+from zk0.sim.scene import sample_spawn
+from zk0.so101 import JOINTS
 
 SIZE = 32
 PICK = "red-pick"

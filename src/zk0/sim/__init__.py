@@ -14,7 +14,8 @@ from zk0.sim.env import SimEnv  # noqa: E402
 from zk0.sim.expert import Expert, expert_policy  # noqa: E402
 from zk0.sim.record import RecordReport, expert_success_rate, features, record  # noqa: E402,F401
 from zk0.sim.rollout import RolloutResult, lerobot_observation, rollout, write_mp4  # noqa: E402
-from zk0.sim.scene import CAMERAS, CLIENT_TASKS, TASKS, UNSEEN_TASKS, Task, get_task  # noqa: E402
+from zk0.sim.scene import CLIENT_TASKS, TASKS, UNSEEN_TASKS, Task, get_task  # noqa: E402
+from zk0.so101 import CAMERAS  # noqa: E402
 
 __all__ = [
     "CAMERAS", "CLIENT_TASKS", "TASKS", "UNSEEN_TASKS", "Expert", "RecordReport", "RolloutResult", "SimEnv", "Task",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import mujoco
 import numpy as np
 
-from zk0.sim.scene import (CAMERAS, FRONT_VIEW, JOINTS, PADS, SUBSTEPS, WRIST_CAMERA, Spawn, Task,
-                           build_model, get_task, sample_spawn)
+from zk0.sim.scene import FRONT_VIEW, PADS, SUBSTEPS, WRIST_CAMERA, Spawn, Task, build_model, get_task, sample_spawn
+from zk0.so101 import CAMERAS, JOINTS
 
 RESTING_SPEED = 0.05  # m/s: a placed cube slower than this counts as resting
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import mujoco
 import numpy as np
 
-from zk0.sim.scene import JOINTS, SITE, Spawn, Task, build_model, get_task, sample_spawn
+from zk0.sim.scene import SITE, Spawn, Task, build_model, get_task, sample_spawn
+from zk0.so101 import JOINTS
 
 ARM = JOINTS[:-1]
 GRIPPER_OPEN = 40.0  # degrees: about 7 cm between the pads

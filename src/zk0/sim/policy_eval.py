@@ -25,7 +25,8 @@ from zk0.sim.expert import grasp_rotation, plan
 from zk0.sim.rollout import Act, rollout, write_mp4
 from zk0.config import ConfigError, RunConfig
 from zk0.registry import DatasetEntry, Registry
-from zk0.sim.scene import JOINTS, TASKS, get_task, sample_spawn
+from zk0.sim.scene import TASKS, get_task, sample_spawn
+from zk0.so101 import JOINTS
 
 STEP_SLACK = 1.5  # default episode budget: this many times the expert's plan length
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from zk0.sim.env import SimEnv
-from zk0.sim.scene import CAMERAS, FPS, JOINTS, Task, get_task
+from zk0.sim.scene import Task, get_task
+from zk0.so101 import CAMERAS, FPS, JOINTS
 
 Act = Callable[[dict], np.ndarray]
 

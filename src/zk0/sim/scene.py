@@ -22,7 +22,7 @@ from typing import Literal
 import mujoco
 import numpy as np
 
-from zk0.so101 import CAMERAS, FPS, JOINTS, ROBOT_TYPE  # noqa: F401 (re-exported to the simulator's modules)
+from zk0.so101 import FPS
 SUBSTEPS = 16  # physics steps per control step: 1/(30*16) s ~ the shipped 2 ms timestep
 REST_DEG = np.array([0.0, -90.0, 90.0, 37.8, 0.0, 0.0])  # the package's rest pose, gripper closed
 FRONT_VIEW = {"lookat": (0.16, 0.0, 0.03), "distance": 0.45, "azimuth": 180.0, "elevation": -35.0}
