@@ -4,6 +4,7 @@ One JSON object per line with ``round``, ``phase`` (query|train|evaluate), ``nod
 ``direction`` (sent|received|missing), the payload's SHA-256 ``digest`` and ``bytes``
 where there is a payload, and for replies ``status`` (accepted|rejected) and ``reason``.
 It answers, after the fact, which node got which weights and whose update was used.
+A reason is stored as one short line without local paths, whatever the node sent.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from flwr.app import Message
 
 from zk0 import transport
+from zk0.reasons import one_line
 
 
 class AuditLog:
@@ -24,6 +26,8 @@ class AuditLog:
         self.path = run_dir / "audit.jsonl"
 
     def _write(self, record: dict) -> None:
+        if "reason" in record:  # reasons come from nodes: never a traceback or the owner's paths
+            record = {**record, "reason": one_line(record["reason"])}
         with self.path.open("a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 

@@ -9,7 +9,10 @@ Extends Flower's ``FedAvg`` where the earlier design fell short:
   does not swallow small steps; updates are averaged in fp32, weighted by ``num-examples``;
 * every payload carries its SHA-256 digest and the frozen-base fingerprint; an update that
   fails verification, is non-finite or too large is rejected with a logged reason and the
-  round goes on with the others, unless fewer than ``min-train-nodes`` remain.
+  round goes on with the others, unless fewer than ``min-train-nodes`` remain;
+* nothing a node sends is trusted: a reply with a missing or malformed field, or a
+  ``num-examples`` weight that is not a whole number of frames its steps could have used,
+  is rejected the same way, and every reason is stored as one short line.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from zk0 import transport
 from zk0.audit import AuditLog
 from zk0.config import RunConfig
+from zk0.reasons import error_reason, one_line
 
 Event = Callable[[dict], None]
 
@@ -109,32 +113,35 @@ class SmolVLAStrategy(FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Verify each update, then apply their fp32 weighted mean to the global tensors."""
-        accepted: list[tuple[Message, dict[str, torch.Tensor], float]] = []
-        for reply in replies:
-            try:
-                update, weight = self._verified_update(reply)
-            except (transport.PayloadError, KeyError, TypeError) as err:
-                self._reject(server_round, "train", reply, str(err))
-                continue
-            accepted.append((reply, update, weight))
-            self.audit.received(server_round, "train", reply, accepted=True)
-            self._client_event(server_round, "client", reply)
+        accepted = self._screen(server_round, "train", "client", replies, self._verified_update)
         if len(accepted) < max(1, self.cfg.min_train_nodes):
             raise RoundFailed(f"round {server_round}: {len(accepted)} valid update(s), fewer than "
                               f"min-train-nodes={self.cfg.min_train_nodes}; stopping rather than "
                               "aggregating too few clients")
         accepted.sort(key=lambda item: _sender(item[0]))  # a fixed summation order: same inputs, same bits
-        total = sum(weight for _, _, weight in accepted)
+        total = sum(weight for _, (_, weight) in accepted)
         for name in self.master:
-            self.master[name] += sum(update[name] * (weight / total) for _, update, weight in accepted)
-        metrics = aggregate_metricrecords([RecordDict({"metrics": r.content["metrics"]}) for r, _, _ in accepted],
-                                          "num-examples")
-        return self.encoded_master(), metrics
+            self.master[name] += sum(update[name] * (weight / total) for _, (update, weight) in accepted)
+        return self.encoded_master(), _mean_metrics([reply for reply, _ in accepted])
 
-    def _verified_update(self, reply: Message) -> tuple[dict[str, torch.Tensor], float]:
-        if reply.has_error():
-            raise transport.PayloadError(f"client error: {reply.error.reason}")
-        arrays, meta = reply.content["arrays"], reply.content["payload"]
+    def _screen[T](self, server_round: int, phase: str, source: str, replies: Iterable[Message],
+                   check: Callable[[Message], T]) -> list[tuple[Message, T]]:
+        """Replies that pass ``check``, with what it returned; each other one is rejected and the round goes on."""
+        passed = []
+        for reply in replies:
+            try:
+                passed.append((reply, check(reply)))
+            except (KeyError, TypeError, ValueError) as err:  # a PayloadError is a ValueError
+                self._reject(server_round, phase, reply, _failure(err))
+                continue
+            self.audit.received(server_round, phase, reply, accepted=True)
+            self._client_event(server_round, source, reply)
+        return passed
+
+    def _verified_update(self, reply: Message) -> tuple[dict[str, torch.Tensor], int]:
+        """A train reply's update and its weight, once every field the server uses has been checked."""
+        weight = checked_reply(reply, self.cfg.local_steps * self.cfg.batch_size)
+        arrays, meta = reply.content.array_records["arrays"], reply.content.config_records["payload"]
         if meta["base-fingerprint"] != self.fingerprint:
             raise transport.PayloadError("frozen-base fingerprint differs from the server's")
         if meta["transport-dtype"] != self.cfg.transport_dtype:
@@ -147,13 +154,10 @@ class SmolVLAStrategy(FedAvg):
         norm = math.sqrt(sum(float((t**2).sum()) for t in update.values()))
         if self.cfg.max_update_norm and norm > self.cfg.max_update_norm:
             raise transport.PayloadError(f"update norm {norm:.3g} exceeds max-update-norm={self.cfg.max_update_norm}")
-        weight = float(reply.content["metrics"]["num-examples"])
-        if weight <= 0:
-            raise transport.PayloadError(f"num-examples must be > 0, got {weight}")
         return update, weight
 
     def _reject(self, server_round: int, phase: str, reply: Message, reason: str) -> None:
-        node = reply.metadata.src_node_id
+        node, reason = reply.metadata.src_node_id, one_line(reason)
         log(WARNING, "round %d: rejected %s reply from node %s: %s", server_round, phase, node, reason)
         self.audit.received(server_round, phase, reply, accepted=False, reason=reason)
         self.on_event({"round": server_round, "source": "server", "event": "rejected-update",
@@ -161,21 +165,61 @@ class SmolVLAStrategy(FedAvg):
 
     def _client_event(self, server_round: int, source: str, reply: Message) -> None:
         about = reply.content["payload"]
-        self.on_event({"round": server_round, "source": source, "node": reply.metadata.src_node_id,
-                       "partition": about["partition-id"], "dataset": about["dataset"],
-                       **dict(reply.content["metrics"])})
+        base = {"base": str(about["base-fingerprint"])[:16]} if "base-fingerprint" in about else {}
+        self.on_event({**dict(reply.content["metrics"]),  # the server's fields last: a node cannot overwrite them
+                       "round": server_round, "source": source, "node": reply.metadata.src_node_id,
+                       "partition": about["partition-id"], "dataset": about["dataset"], **base})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Log each client's held-out metrics, then their weighted mean."""
-        valid = []
-        for reply in replies:
-            if reply.has_error():
-                self._reject(server_round, "evaluate", reply, f"client error: {reply.error.reason}")
-                continue
-            self.audit.received(server_round, "evaluate", reply, accepted=True)
-            self._client_event(server_round, "client-eval", reply)
-            valid.append(RecordDict({"metrics": reply.content["metrics"]}))
-        return aggregate_metricrecords(valid, "num-examples") if valid else None
+        limit = self.cfg.eval_batches * self.cfg.batch_size
+        valid = self._screen(server_round, "evaluate", "client-eval", replies, lambda r: checked_reply(r, limit))
+        return _mean_metrics([reply for reply, _ in valid]) if valid else None
+
+
+def checked_reply(reply: Message, max_examples: int) -> int:
+    """Check the fields the server reads from any reply; return its ``num-examples`` weight.
+
+    Nodes are not trusted: a missing field must cost that reply, not the round, and who sent
+    it must be readable before replies are put in their fixed summation order.
+    """
+    if reply.has_error():
+        raise transport.PayloadError(f"client error: {one_line(reply.error.reason)}")
+    about = reply.content.config_records["payload"]
+    if not _whole(about["partition-id"]) or not isinstance(about["dataset"], str):
+        raise transport.PayloadError("payload needs a whole-number partition-id and a dataset name")
+    metrics = reply.content.metric_records["metrics"]
+    if any(isinstance(value, list) for value in metrics.values()):
+        raise transport.PayloadError("metrics must be single numbers")
+    return num_examples(metrics, max_examples)
+
+
+def num_examples(metrics: MetricRecord, limit: int) -> int:
+    """``num-examples`` as a whole number in ``1..limit``.
+
+    It weights the mean: NaN or inf would turn the global model NaN, and a claim of more frames
+    than the node's steps could use (``limit``) would let one node outweigh all the others.
+    """
+    value = metrics.get("num-examples")
+    if not (_whole(value) and 0 < value <= limit):
+        raise transport.PayloadError(f"num-examples must be a whole number in 1..{limit}, got {value!r}")
+    return int(value)
+
+
+def _whole(value: object) -> bool:
+    """An int, or a float with an integral value (never a bool, NaN or inf)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float)
+                                                                        and value.is_integer())
+
+
+def _failure(err: Exception) -> str:
+    """A verification failure states its reason; anything else is a reply the server could not read."""
+    return str(err) if isinstance(err, transport.PayloadError) else f"malformed reply: {error_reason(err)}"
+
+
+def _mean_metrics(replies: list[Message]) -> MetricRecord:
+    """The replies' metrics, averaged with their ``num-examples`` weights."""
+    return aggregate_metricrecords([RecordDict({"metrics": r.content["metrics"]}) for r in replies], "num-examples")
 
 
 def _sender(reply: Message) -> tuple[int, str, int]:
