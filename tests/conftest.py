@@ -29,3 +29,19 @@ def run_config(tmp_path):
         return get_fused_config_from_dir(ROOT, values)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smolvla_base_folder(tmp_path_factory):
+    """A local smolvla_base-format pretrained policy folder (see tests/realworld.py)."""
+    from realworld import write_smolvla_base_format
+
+    return write_smolvla_base_format(tmp_path_factory.mktemp("smolvla_base_format"))
+
+
+@pytest.fixture(scope="session")
+def lab_registry(tmp_path_factory):
+    """A user's registry file outside the checkout, over datasets with their own camera names."""
+    from realworld import write_lab
+
+    return write_lab(tmp_path_factory.mktemp("lab"))

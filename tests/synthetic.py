@@ -87,15 +87,32 @@ def _render(task: SyntheticTask, q: np.ndarray, cube_pan: float, size: int, wris
     return img
 
 
-def generate(task: SyntheticTask, root: Path, episodes: int, frames: int, image_size: int, seed: int) -> Path:
-    """Write a LeRobotDataset for ``task`` at ``root`` (atomically: a staging folder is renamed)."""
+def real_world_features(image_size: int, cameras: tuple[str, ...], action_dim: int) -> dict:
+    """SO-101 features with other camera names and counts, or another action size (as real datasets have)."""
+    spec = {k: dict(v) for k, v in features(image_size).items() if not k.startswith("observation.images.")}
+    if action_dim != spec["action"]["shape"][0]:
+        spec["action"] = {"dtype": "float32", "shape": (action_dim,), "names": [f"a{i}" for i in range(action_dim)]}
+    for cam in cameras:
+        spec[f"observation.images.{cam}"] = {"dtype": "video", "shape": (image_size, image_size, 3),
+                                             "names": ["height", "width", "channels"]}
+    return spec
+
+
+def generate(task: SyntheticTask, root: Path, episodes: int, frames: int, image_size: int, seed: int,
+             cameras: tuple[str, ...] = CAMERAS, fps: int = FPS, action_dim: int = 6) -> Path:
+    """Write a LeRobotDataset for ``task`` at ``root`` (atomically: a staging folder is renamed).
+
+    ``cameras`` names the video cameras (one named ``wrist`` renders the wrist view, any other the
+    front view); ``fps`` and ``action_dim`` make datasets a policy must refuse.
+    """
     from lerobot.configs.video import RGBEncoderConfig
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent)) / "ds"
-    ds = LeRobotDataset.create(repo_id=f"zk0/{root.name}", fps=FPS, features=features(image_size),
+    ds = LeRobotDataset.create(repo_id=f"zk0/{root.name}", fps=fps,
+                               features=real_world_features(image_size, cameras, action_dim),
                                root=staging, robot_type=ROBOT_TYPE, use_videos=True, video_backend="pyav",
                                rgb_encoder=RGBEncoderConfig(vcodec="h264"))  # quieter than SVT-AV1
     rng = np.random.default_rng(seed)
@@ -103,8 +120,9 @@ def generate(task: SyntheticTask, root: Path, episodes: int, frames: int, image_
         traj = _trajectory(task, rng, frames + 1)
         cube_pan = float(traj[frames // 4, 0])
         for t in range(frames):
-            frame = {"observation.state": traj[t], "action": traj[t + 1], "task": task.instruction}
-            for cam in CAMERAS:
+            action = np.resize(traj[t + 1], action_dim)
+            frame = {"observation.state": traj[t], "action": action, "task": task.instruction}
+            for cam in cameras:
                 frame[f"observation.images.{cam}"] = _render(task, traj[t], cube_pan, image_size, cam == "wrist")
             ds.add_frame(frame)
         ds.save_episode()

@@ -54,6 +54,14 @@ def test_unknown_key_rejected_and_named(run_config):
         RunConfig.from_run_config(raw)
 
 
+def test_misspelt_key_gets_the_closest_suggestion(run_config):
+    raw = run_config()
+    raw["num-server-round"] = 3
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config(raw)
+    assert str(err.value) == "unknown run-config key 'num-server-round'; did you mean 'num-server-rounds'?"
+
+
 @pytest.mark.parametrize("key, value", [
     ("num-server-rounds", "3"),     # string for int
     ("num-server-rounds", True),    # bool for int
@@ -79,7 +87,7 @@ def test_bad_choice_names_key_and_choices(run_config):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("lr-schedule", "step"), ("transport-dtype", "fp16"), ("device", "tpu"),
+    ("lr-schedule", "step"), ("transport-dtype", "fp16"), ("device", "tpu"), ("server-device", "gpu"),
 ])
 def test_other_choices_validated(run_config, key, value):
     with pytest.raises(ConfigError, match=repr(key)):

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import synthetic
+from realworld import smolvla_base_config
 
 from zk0 import data, tiny
 from zk0.data import DatasetError
@@ -84,9 +86,17 @@ def episodes_of(dataset) -> list[int]:
     return [int(e) for e in dataset.hf_dataset["episode_index"]]
 
 
+class FakeMeta(SimpleNamespace):
+    """A stand-in for LeRobotDatasetMetadata: features and fps, cameras derived from the features."""
+
+    @property
+    def camera_keys(self) -> list[str]:
+        return [k for k, v in self.features.items() if v["dtype"] in ("video", "image")]
+
+
 def fake_meta(meta, **changes):
-    """A stand-in for LeRobotDatasetMetadata with (a deep copy of) its features and fps."""
-    return SimpleNamespace(features=copy.deepcopy(dict(meta.features)), fps=meta.fps, **changes)
+    """A FakeMeta with (a deep copy of) ``meta``'s features and fps."""
+    return FakeMeta(features=copy.deepcopy(dict(meta.features)), fps=meta.fps, **changes)
 
 
 def test_open_split_is_disjoint_and_complete(split):
@@ -162,46 +172,92 @@ def test_eval_batches_fixed_and_limited(split):
     assert int(covered.max()) == max(int(i) for i in split.held_out.hf_dataset["index"])
 
 
-def test_real_dataset_fits_the_policy(split, policy_cfg):
-    assert data.schema_mismatches(split.meta, policy_cfg, {}) == []
+def test_real_dataset_fits_the_policy(split, policy_cfg, entry):
+    assert data.schema_mismatches(split.meta, policy_cfg, entry) == []
 
 
-def test_schema_state_action_shapes_and_missing(split, policy_cfg):
+def test_schema_state_action_shapes_and_missing(split, policy_cfg, entry):
     meta = fake_meta(split.meta)
     meta.features["observation.state"]["shape"] = (7,)
     del meta.features["action"]
-    problems = data.schema_mismatches(meta, policy_cfg, {})
+    problems = data.schema_mismatches(meta, policy_cfg, entry)
     assert len(problems) == 2
     assert any("observation.state" in p and "(7,)" in p and "(6,)" in p for p in problems)
     assert any("missing feature 'action'" in p for p in problems)
 
 
-def test_schema_camera_missing_suggests_registry_mapping(split, policy_cfg):
+def test_schema_mapping_to_a_camera_the_policy_lacks(split, policy_cfg, entry):
     cams = {"observation.images.front": "observation.images.top"}
-    problems = data.schema_mismatches(split.meta, policy_cfg, cams)
-    assert len(problems) == 1
-    assert "observation.images.front" in problems[0]
-    assert "cameras = " in problems[0]
-    assert "observation.images.top" in problems[0]  # lists what the dataset has
+    problems = data.schema_mismatches(split.meta, policy_cfg, replace(entry, cameras=cams))
+    assert problems == ["camera mapping sends 'observation.images.front' to 'observation.images.top', which is not "
+                        "a camera of the policy (policy cameras: ['observation.images.front', "
+                        "'observation.images.wrist'])"]
 
 
-def test_schema_camera_mapping_fixes_renamed_camera(split, policy_cfg):
+def test_schema_mapping_names_a_camera_the_dataset_lacks(split, policy_cfg, entry):
+    cams = {"observation.images.fornt": "observation.images.front"}
+    (problem,) = data.schema_mismatches(split.meta, policy_cfg, replace(entry, cameras=cams))
+    assert "'observation.images.fornt', which is not a camera of the dataset" in problem
+
+
+def test_schema_camera_mapping_fixes_renamed_camera(split, policy_cfg, entry):
     meta = fake_meta(split.meta)
     meta.features["observation.images.top"] = meta.features.pop("observation.images.front")
-    assert any("observation.images.front" in p for p in data.schema_mismatches(meta, policy_cfg, {}))
-    assert data.schema_mismatches(meta, policy_cfg, {"observation.images.top": "observation.images.front"}) == []
+    meta.features["observation.images.gripper"] = meta.features.pop("observation.images.wrist")
+    (problem,) = data.schema_mismatches(meta, policy_cfg, entry)
+    assert problem.startswith("no dataset camera feeds the policy: dataset cameras ['observation.images.top', "
+                              "'observation.images.gripper']")
+    assert "--camera" in problem and "cameras = " in problem  # says how to fix it, in both places
+    fixed = replace(entry, cameras={"observation.images.top": "observation.images.front"})
+    assert data.schema_mismatches(meta, policy_cfg, fixed) == []  # one camera of two is enough
+    renames, _ = data.camera_feeds(fixed, meta, policy_cfg)
+    assert data.describe_cameras(renames, meta, policy_cfg) == (
+        "observation.images.top -> observation.images.front, (none: SmolVLA skips it) -> observation.images.wrist")
 
 
-def test_schema_non_camera_feature_is_not_a_camera(split, policy_cfg):
+def test_schema_two_cameras_for_one_policy_camera(split, policy_cfg, entry):
+    cams = {"observation.images.wrist": "observation.images.front"}
+    (problem,) = data.schema_mismatches(split.meta, policy_cfg, replace(entry, cameras=cams))
+    assert "all feed policy camera 'observation.images.front'" in problem
+
+
+def test_smolvla_base_cameras_from_a_two_camera_dataset(split, entry):
+    """smolvla_base's three generic cameras: two mapped, the third left to SmolVLA (acceptance)."""
+    base = smolvla_base_config()
+    (problem,) = data.schema_mismatches(split.meta, base, entry)
+    assert problem.startswith("no dataset camera feeds the policy")
+    cams = {"observation.images.front": "observation.image", "observation.images.wrist": "observation.image2"}
+    mapped = replace(entry, cameras=cams)
+    assert data.schema_mismatches(split.meta, base, mapped) == []
+    resolved = data.check_schema(mapped, split.meta, base)
+    assert resolved.cameras == cams
+
+
+def test_profile_camera_convention_applies_where_it_can(split, entry):
+    """A profile's convention may name cameras a dataset lacks; the first that fits a policy camera wins."""
+    base = smolvla_base_config()
+    convention = {"observation.images.laptop": "observation.image", "observation.images.front": "observation.image",
+                  "observation.images.wrist": "observation.image2", "observation.images.side": "observation.image3"}
+    resolved = data.check_schema(replace(entry, camera_defaults=convention), split.meta, base)
+    assert resolved.cameras == {"observation.images.front": "observation.image",
+                                "observation.images.wrist": "observation.image2"}
+    own = {"observation.images.wrist": "observation.image"}  # the entry's own mapping wins over the convention
+    resolved = data.check_schema(replace(entry, cameras=own, camera_defaults=convention), split.meta, base)
+    assert resolved.cameras == own  # front's conventional target is taken: front stays unused
+
+
+def test_schema_non_camera_feature_is_not_a_camera(split, policy_cfg, entry):
     meta = fake_meta(split.meta)
     meta.features["observation.images.wrist"]["dtype"] = "float32"
-    problems = data.schema_mismatches(meta, policy_cfg, {})
-    assert len(problems) == 1 and "observation.images.wrist" in problems[0]
+    assert data.schema_mismatches(meta, policy_cfg, entry) == []  # one camera still feeds the policy
+    meta.features["observation.images.front"]["dtype"] = "float32"
+    (problem,) = data.schema_mismatches(meta, policy_cfg, entry)
+    assert "dataset cameras []" in problem
 
 
-def test_schema_fps_mismatch(split, policy_cfg, monkeypatch):
+def test_schema_fps_mismatch(split, policy_cfg, entry, monkeypatch):
     monkeypatch.setattr(data, "POLICY_FPS", 50)
-    problems = data.schema_mismatches(split.meta, policy_cfg, {})
+    problems = data.schema_mismatches(split.meta, policy_cfg, entry)
     assert problems == ["fps is 30, policy expects 50"]
 
 
@@ -211,8 +267,8 @@ def test_check_schema_lists_all_mismatches_in_one_message(split, policy_cfg, mon
     with pytest.raises(DatasetError) as err:
         data.check_schema(entry, split.meta, policy_cfg)
     message = str(err.value)
-    assert entry.uri in message
-    assert "fps" in message and "'observation.images.front' missing" in message
+    assert entry.uri in message and "\n" not in message
+    assert "fps" in message and "'observation.images.top', which is not a camera of the policy" in message
     # open_split refuses the dataset with the same message
     with pytest.raises(DatasetError, match="fps is 30"):
         data.open_split(entry, policy_cfg, HELD_OUT, 0)

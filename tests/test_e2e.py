@@ -103,12 +103,16 @@ def test_zk0_simulate_refuses_fewer_clients_than_the_minimum(tmp_path):
     assert proc.returncode == 1 and "min-train-nodes=2" in proc.stderr
 
 
-def test_zk0_simulate_runs_and_resumes_a_killed_run(tmp_path):
+def test_zk0_simulate_on_owners_data_killed_and_resumed(tmp_path, lab_registry, smolvla_base_folder):
+    """The real user's path: their registry file, 2- and 3-camera datasets mapped onto 2 of a
+    smolvla_base-format model's 3 cameras, overrides every simulated client must follow; the
+    simulation is killed after round 1 and resumed with the run's own config."""
     out = tmp_path / "outputs"
-    args = [str(BIN / "zk0"), "simulate", "--num-clients", "2", "--output", str(out), "--run-config",
-            "num-server-rounds=4 local-steps=2 batch-size=4 eval-batches=1 strategy=fedavg"]
+    args = [str(BIN / "zk0"), "simulate", "--output", str(out), "--client-cpus", "1", "--run-config",
+            f"num-server-rounds=3 local-steps=2 batch-size=4 eval-batches=1 chunk-size=5 strategy=fedavg "
+            f"datasets='lab' registry='{lab_registry}' model-name='{smolvla_base_folder}'"]
     proc = subprocess.Popen(args, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 300
         while not any(r.get("event") == "round" and r["round"] == 1
@@ -121,14 +125,22 @@ def test_zk0_simulate_runs_and_resumes_a_killed_run(tmp_path):
     (run_dir,) = out.iterdir()
     assert "fedavg" in run_dir.name
     assert json.loads((run_dir / "config.json").read_text())["run-config"]["strategy"] == "fedavg"
-    assert torch.load(run_dir / "server_state.pt", weights_only=True)["server_round"] < 4
+    assert torch.load(run_dir / "server_state.pt", weights_only=True)["server_round"] < 3
     bad = subprocess.run([str(BIN / "zk0"), "simulate", "--resume", str(run_dir), "-c", "lr=0.5"],
                          env=env_for(tmp_path), timeout=120, capture_output=True, text=True)
     assert bad.returncode == 1 and "lr cannot change" in bad.stderr
-    done = subprocess.run([str(BIN / "zk0"), "simulate", "--num-clients", "2", "--resume", str(run_dir)],
-                          env=env_for(tmp_path), timeout=400, capture_output=True, text=True)
+    done = subprocess.run([str(BIN / "zk0"), "simulate", "--client-cpus", "1", "--resume", str(run_dir)],
+                          env=env_for(tmp_path), timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"run folder: {run_dir}" in done.stdout and "zk0 run summary" in done.stderr + done.stdout
-    rounds = [r["round"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "round"]
-    assert rounds == [0, 1, 2, 3, 4]
-    assert (run_dir / "checkpoints" / "round_4" / "model.safetensors").is_file()
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in records if r.get("event") == "round"] == [0, 1, 2, 3]
+    trained = [r for r in records if r["source"] == "client"]
+    assert {(r["round"], r["dataset"]) for r in trained} == {(n, d) for n in (1, 2, 3)
+                                                              for d in ("arm-top-wrist", "arm-three-cams")}
+    assert all(r["steps"] == 2 and r["num-examples"] == 8 for r in trained)  # the overrides, before and after resume
+    doc = json.loads((run_dir / "config.json").read_text())
+    assert {r["base"] for r in trained} == {doc["base-fingerprint"][:16]}  # the model the run names, on every client
+    assert [r["round"] for r in records if r.get("dataset") == "arm-gripper-only"] == [0, 1, 2, 3]
+    saved = json.loads((run_dir / "checkpoints" / "round_3" / "config.json").read_text())
+    assert saved["chunk_size"] == 5 and "observation.image3" in saved["input_features"]

@@ -14,6 +14,7 @@ from lerobot.policies.factory import make_pre_post_processors
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
 from zk0 import client_app, server_app, transport
+from zk0.checkpoint import load_config
 from zk0.config import ConfigError, RunConfig
 from zk0.policy import base_fingerprint, build_policy, trainable_state
 from zk0.strategy import RoundFailed, round_lr
@@ -107,8 +108,10 @@ def test_global_weights_change_and_lr_schedule_arrives(federation):
 def test_checkpoint_is_a_lerobot_pretrained_policy_with_this_rounds_card(federation):
     _, run_dir, _ = federation
     folder = run_dir / "checkpoints" / "round_2"
-    policy = SmolVLAPolicy.from_pretrained(folder)
-    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(folder))
+    config = load_config(folder)  # the bundled VLM (vlm/) resolved against the folder
+    policy = SmolVLAPolicy.from_pretrained(folder, config=config)
+    pre, post = make_pre_post_processors(config, pretrained_path=str(folder), preprocessor_overrides={
+        "tokenizer_processor": {"tokenizer_name": config.vlm_model_name}})
     assert pre is not None and post is not None
     fresh = trainable_state(build_policy(RunConfig()))
     loaded = trainable_state(policy)
@@ -172,7 +175,8 @@ def test_same_seed_same_result(run_config, tmp_path):
     for name in ("a", "b"):
         config = run_config(num_server_rounds=1, output_dir=str(tmp_path / name), eval_every=1)
         run_dir, _ = run_federation(config)
-        state = SmolVLAPolicy.from_pretrained(run_dir / "checkpoints" / "round_1").state_dict()
+        folder = run_dir / "checkpoints" / "round_1"
+        state = SmolVLAPolicy.from_pretrained(folder, config=load_config(folder)).state_dict()
         finals.append(state)
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
 

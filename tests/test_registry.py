@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from zk0.registry import DatasetEntry, Registry, RegistryError, default_pyproject, load_registry
+from zk0.registry import (DatasetEntry, Registry, RegistryError, default_pyproject, format_camera_map, load_registry,
+                          parse_camera_map)
 
 
 def write_pyproject(tmp_path, body: str):
@@ -121,3 +122,84 @@ clients = ["hf:x/y"]
     assert len(load_registry("other", path).clients) == 1
     with pytest.raises(RegistryError, match="other, p"):
         load_registry("missing", path)
+
+
+def test_user_registry_file_outside_the_checkout(tmp_path):
+    path = tmp_path / "elsewhere" / "my-lab.toml"
+    path.parent.mkdir()
+    path.write_text("""
+[lab]
+clients = [{ uri = "local:/data/arm1", cameras = { "observation.images.top" = "observation.image" } },
+           "hf:me/arm2"]
+server-eval = ["local:/data/unseen"]
+
+[lab.cameras]
+"observation.images.wrist" = "observation.image2"
+""")
+    reg = load_registry("lab", str(path))
+    assert reg.source == str(path)
+    assert [e.uri for e in reg.clients] == ["local:/data/arm1", "hf:me/arm2"]
+    assert reg.clients[0].cameras == {"observation.images.top": "observation.image"}
+    assert all(e.camera_defaults == {"observation.images.wrist": "observation.image2"}
+               for e in (*reg.clients, *reg.server_eval))
+    with pytest.raises(RegistryError, match=r"'embedded' not in registry file .*available: lab"):
+        load_registry("embedded", str(path))
+
+
+@pytest.mark.parametrize("body, message", [
+    ("[lab\nclients = []", "is not valid TOML"),
+    ('[lab]\nclients = "local:/x"', "clients must be a list"),
+    ('[lab]\nclients = ["local:/x"]\nserver_eval = []', "unknown key(s) server_eval"),
+    ('[lab]\nclients = [{ uri = "local:/x", cameras = ["top"] }]', "cameras must be a table"),
+    ('[lab]\nclients = [{ uri = "" }]', "needs a string 'uri'"),
+])
+def test_bad_registry_file_is_one_line(tmp_path, body, message):
+    path = tmp_path / "reg.toml"
+    path.write_text(body)
+    with pytest.raises(RegistryError) as err:
+        load_registry("lab", str(path))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_registry_file_names_the_key(tmp_path):
+    with pytest.raises(RegistryError, match=r"registry file .*nope.toml does not exist; set run-config 'registry'"):
+        load_registry("lab", str(tmp_path / "nope.toml"))
+
+
+def test_hub_profile_maps_usual_camera_names_onto_smolvla_base():
+    reg = load_registry("so101-hub")
+    defaults = reg.clients[0].camera_defaults
+    assert defaults["observation.images.front"] == "observation.image"
+    assert defaults["observation.images.wrist"] == "observation.image2"
+    assert set(defaults.values()) == {"observation.image", "observation.image2", "observation.image3"}
+
+
+def test_parse_camera_map():
+    assert parse_camera_map(["top=observation.image", "observation.images.wrist = observation.image2"]) == {
+        "observation.images.top": "observation.image", "observation.images.wrist": "observation.image2"}
+    assert parse_camera_map("top=observation.image,wrist=observation.image2") == parse_camera_map(
+        ["top=observation.image", "wrist=observation.image2"])
+    assert parse_camera_map("") == {}
+    mapping = {"observation.images.top": "observation.image"}
+    assert parse_camera_map(format_camera_map(mapping)) == mapping
+    for bad in ("top", "=observation.image", "top=", "top=a,observation.images.top=b"):
+        with pytest.raises(RegistryError):
+            parse_camera_map(bad)
+
+
+def test_installed_wheel_carries_the_registry(tmp_path):
+    """A non-editable install finds the app's pyproject.toml (registry, run config) inside the package."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(ROOT)], check=True, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("zk0-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, timeout=600)
+    code = ("import zk0.registry as r; print(r.default_pyproject()); print(len(r.load_registry('embedded').clients))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True,
+                         cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}).stdout
+    assert out.split() == [str(tmp_path / "site" / "zk0" / "pyproject.toml"), "4"]

@@ -41,7 +41,7 @@ from flwr.common.logger import log
 from lerobot.policies.factory import make_pre_post_processors
 
 from zk0.checkpoint import RunFolder, model_card, save_checkpoint
-from zk0.config import ConfigError, RunConfig
+from zk0.config import BASELINE_MODES, ConfigError, RunConfig
 from zk0.data import (DatasetSplit, batches, decode_stats, encode_stats, open_full, open_split,
                       pool_stats, rename_cameras, train_loader, vector_stats)
 from zk0.evaluate import evaluate_dataset
@@ -53,7 +53,7 @@ from zk0.strategy import round_lr
 from zk0.tracking import Tracker, write_charts
 from zk0.train import train_steps
 
-MODES = ("centralized", "local")
+MODES = BASELINE_MODES
 POOLED, POOLED_NAME = -1, "pooled"  # partition and dataset of centralized training records
 
 
@@ -67,7 +67,7 @@ def run_baseline(cfg: RunConfig, mode: str, num_clients: int | None = None) -> P
         raise ConfigError(f"baseline mode must be one of {'|'.join(MODES)}, got {mode!r}")
     if cfg.resume_from:
         raise ConfigError("baselines cannot resume: run-config 'resume-from' must be empty")
-    return Baseline(cfg, mode, _clients(load_registry(cfg.datasets), num_clients)).run()
+    return Baseline(cfg, mode, _clients(load_registry(cfg.datasets, cfg.registry), num_clients)).run()
 
 
 def _clients(registry: Registry, num_clients: int | None) -> Registry:
@@ -118,9 +118,9 @@ class Baseline:
         self.policy = build_policy(cfg)
         self.splits = [open_split(e, self.policy.config, cfg.held_out_fraction, cfg.split_seed)
                        for e in registry.clients]
-        self.eval_sets = [(e, open_full(e, self.policy.config)) for e in registry.server_eval]
+        self.eval_sets = [open_full(e, self.policy.config) for e in registry.server_eval]
         self.learners = self._pooled_learner() if mode == "centralized" else self._local_learners()
-        self.sim_tasks = simulator_tasks(cfg, load_registry(cfg.datasets))  # as the server: the whole profile
+        self.sim_tasks = simulator_tasks(cfg, load_registry(cfg.datasets, cfg.registry))  # as the server: the whole profile
         self.fingerprint = base_fingerprint(self.policy)
         self.run_folder = RunFolder.create(cfg.output_dir, mode, secrets.randbits(63))
         self._write_config()

@@ -1,25 +1,32 @@
 """The run folder and its checkpoints: LeRobot pretrained-policy folders with a model card.
 
 ``outputs/<run-id>/`` holds ``config.json``, ``metrics.jsonl``, ``charts/`` and
-``checkpoints/round_<N>/``. A checkpoint folder loads with
-``SmolVLAPolicy.from_pretrained(dir)`` and LeRobot's processor loaders, and its
-``README.md`` shows the metrics of that very round (it is written after evaluation).
+``checkpoints/round_<N>/``. A checkpoint folder loads with LeRobot alone (its
+``README.md`` shows how, and the metrics of that very round: it is written after
+evaluation). A locally built VLM backbone (model-name tiny, smolvla-size) has no hub id,
+so its files travel in the checkpoint's ``vlm/`` folder and ``vlm_model_name`` names that
+folder relative to the checkpoint: the folder loads on any machine, from any directory.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.factory import make_pre_post_processors
+from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+from lerobot.processor import PolicyProcessorPipeline, TokenizerProcessorStep
 
-from zk0.config import RunConfig
+from zk0.config import RESUME_FREE_KEYS, RunConfig
 from zk0.registry import Registry
 
 
@@ -66,7 +73,7 @@ class ResumeError(RuntimeError):
 
 
 STATE_FILE = "server_state.pt"
-RESUME_FREE_KEYS = ("resume-from", "output-dir", "round-timeout", "use-wandb", "num-workers")
+VLM_FOLDER = "vlm"  # a checkpoint's copy of its local VLM backbone (config, processor, tokenizer; no weights)
 
 
 @dataclass
@@ -121,10 +128,54 @@ def save_checkpoint(folder: Path, policy, stats: dict[str, dict[str, torch.Tenso
     folder.mkdir(parents=True, exist_ok=True)
     policy.save_pretrained(folder)
     preprocessor, postprocessor = make_pre_post_processors(policy.config, dataset_stats=stats)
+    if Path(policy.config.vlm_model_name).is_dir():
+        _bundle_vlm(folder, policy.config, preprocessor)
     preprocessor.save_pretrained(folder)
     postprocessor.save_pretrained(folder)
     (folder / "README.md").write_text(card)
     return folder
+
+
+def _bundle_vlm(folder: Path, config: PreTrainedConfig, preprocessor: PolicyProcessorPipeline) -> None:
+    """Copy the local VLM into ``folder`` and name it relatively in the saved config and tokenizer step.
+
+    An absolute path into this machine's cache would break the checkpoint anywhere else. The
+    live config keeps its absolute name: the server goes on training with it.
+    """
+    shutil.copytree(config.vlm_model_name, folder / VLM_FOLDER, dirs_exist_ok=True)
+    portable = copy.copy(config)
+    portable.vlm_model_name = VLM_FOLDER
+    portable.save_pretrained(folder)
+    tokenizer = next(step for step in preprocessor.steps if isinstance(step, TokenizerProcessorStep))
+    tokenizer.tokenizer_name = VLM_FOLDER
+
+
+def load_config(path: str | Path) -> PreTrainedConfig:
+    """The policy config of a checkpoint folder or hub id, pointed at the VLM the checkpoint carries, if any.
+
+    Hub ids and absolute VLM folders stay as saved; ``vlm`` of a portable checkpoint becomes
+    the absolute ``<path>/vlm``, which holds wherever the process runs from.
+    """
+    config = PreTrainedConfig.from_pretrained(path)
+    if isinstance(config, SmolVLAConfig) and (bundled := Path(path).expanduser() / config.vlm_model_name).is_dir():
+        config.vlm_model_name = str(bundled.resolve())
+    return config
+
+
+USE_SNIPPET = """from pathlib import Path
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.policies.factory import make_pre_post_processors
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+d = Path("<this folder>")
+cfg = PreTrainedConfig.from_pretrained(d)
+if (d / cfg.vlm_model_name).is_dir():  # a locally built VLM travels in the folder
+    cfg.vlm_model_name = str(d / cfg.vlm_model_name)
+policy = SmolVLAPolicy.from_pretrained(d, config=cfg)
+preprocessor, postprocessor = make_pre_post_processors(
+    cfg, pretrained_path=str(d),
+    preprocessor_overrides={"tokenizer_processor": {"tokenizer_name": cfg.vlm_model_name}})
+"""
 
 
 def model_card(cfg: RunConfig, registry: Registry, server_round: int, metrics: dict[str, float],
@@ -164,8 +215,7 @@ Server evaluation sets (unseen tasks):
 {hyper}
 
 ## Use
+With LeRobot, on a local copy of this folder (`huggingface_hub.snapshot_download` for a hub repo):
 ```python
-from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
-policy = SmolVLAPolicy.from_pretrained("<this folder>")
-```
+{USE_SNIPPET}```
 """

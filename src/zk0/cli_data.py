@@ -89,15 +89,22 @@ def evaluate(
     tasks: Annotated[list[str] | None, typer.Option("--task", help="Simulator task (repeat; default: all).")] = None,
     dataset: Annotated[list[str] | None, typer.Option(
         help="Without --sim: datasets to evaluate loss and action MAE on (repeat).")] = None,
+    camera: Annotated[list[str] | None, typer.Option(
+        help="With --dataset: feed a dataset camera to a policy camera, DATASET_KEY=POLICY_KEY (repeat).")] = None,
     output: Annotated[Path | None, typer.Option(help="Folder for the MP4s (default: CHECKPOINT/sim_eval).")] = None,
     seed: Annotated[int, typer.Option(help="First episode seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Evaluate a checkpoint: closed loop in the simulator (--sim) or offline on datasets (--dataset)."""
+    from zk0.registry import RegistryError, parse_camera_map
     from zk0.sim.policy_eval import CheckpointError, load_checkpoint
 
     if not sim_ and not dataset:
         fail("say what to evaluate on: --sim (simulator success rate) or --dataset URI (offline loss and MAE)")
+    try:
+        cameras = parse_camera_map(camera or [])
+    except RegistryError as err:
+        fail(f"--camera: {err}")
     try:
         policy, pre, post = load_checkpoint(checkpoint, device)
     except CheckpointError as err:
@@ -105,7 +112,7 @@ def evaluate(
     if sim_:
         _evaluate_in_sim(policy, pre, post, tasks, episodes, seed, output or checkpoint / "sim_eval")
     for uri in dataset or []:
-        _evaluate_offline(policy, pre, post, uri, seed)
+        _evaluate_offline(policy, pre, post, uri, cameras, seed)
 
 
 def _evaluate_in_sim(policy, pre, post, tasks: list[str] | None, episodes: int, seed: int, videos: Path) -> None:
@@ -120,14 +127,13 @@ def _evaluate_in_sim(policy, pre, post, tasks: list[str] | None, episodes: int, 
                    f"(mean {res['mean-steps']:.0f} steps)  video {videos / name}.mp4")
 
 
-def _evaluate_offline(policy, pre, post, uri: str, seed: int) -> None:
+def _evaluate_offline(policy, pre, post, uri: str, cameras: dict[str, str], seed: int) -> None:
     from zk0.data import DatasetError, eval_batches, open_full
     from zk0.evaluate import evaluate_policy
     from zk0.registry import DatasetEntry, RegistryError
 
     try:
-        entry = DatasetEntry(uri=uri)
-        dataset = open_full(entry, policy.config)
+        entry, dataset = open_full(DatasetEntry(uri=uri, cameras=cameras), policy.config)
     except (DatasetError, RegistryError) as err:
         fail(str(err))
     res = evaluate_policy(policy, pre, post, eval_batches(dataset, 8, 8, entry.cameras), seed=seed)

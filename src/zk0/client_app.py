@@ -6,25 +6,32 @@ rounds (keyed by run and node), so a round costs training, not start-up.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from logging import ERROR, INFO
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from lerobot.policies.factory import make_pre_post_processors
 
 from zk0 import transport
 from zk0.config import RunConfig
-from zk0.data import (DatasetSplit, batches, decode_stats, encode_stats, open_split, train_loader,
-                      vector_stats)
+from zk0.data import (DatasetSplit, batches, decode_stats, describe_cameras, encode_stats, open_split,
+                      train_loader, vector_stats)
 from zk0.evaluate import evaluate_dataset
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_shapes, trainable_state
-from zk0.registry import DatasetEntry, load_registry
+from zk0.reasons import error_reason
+from zk0.registry import DatasetEntry, load_registry, parse_camera_map
 from zk0.strategy import payload_config
 from zk0.train import train_steps
 
 app = ClientApp()
+CLIENT_ERROR = 100  # Error.code of a reply whose handler failed; the reason is one short line
 
 
 @dataclass
@@ -53,12 +60,13 @@ _RUNTIMES: dict[tuple[int, int], ClientRuntime] = {}
 
 
 def dataset_entry(cfg: RunConfig, context: Context) -> tuple[int, DatasetEntry]:
-    """This node's dataset: node config ``dataset`` (deployment) or the registry by partition id."""
+    """This node's dataset: node config ``dataset`` and ``cameras`` (deployment) or the registry by partition id."""
     node_config = context.node_config
     if "dataset" in node_config:
-        return int(node_config.get("partition-id", -1)), DatasetEntry(uri=str(node_config["dataset"]))
+        cameras = parse_camera_map(str(node_config.get("cameras", "")))
+        return int(node_config.get("partition-id", -1)), DatasetEntry(uri=str(node_config["dataset"]), cameras=cameras)
     partition_id = int(node_config["partition-id"])
-    return partition_id, load_registry(cfg.datasets).client(partition_id)
+    return partition_id, load_registry(cfg.datasets, cfg.registry).client(partition_id)
 
 
 def runtime(context: Context) -> ClientRuntime:
@@ -69,10 +77,28 @@ def runtime(context: Context) -> ClientRuntime:
         partition_id, entry = dataset_entry(cfg, context)
         policy = build_policy(cfg)
         split = open_split(entry, policy.config, cfg.held_out_fraction, cfg.split_seed)
+        log(INFO, "zk0 client %s: cameras %s", split.entry.name, describe_cameras(split.entry.cameras, split.meta,
+                                                                                   policy.config))
         _RUNTIMES[key] = ClientRuntime(cfg, partition_id, policy, split, base_fingerprint(policy),
                                        trainable_shapes(policy), train_loader(split.train, cfg.batch_size,
                                                                               cfg.num_workers))
     return _RUNTIMES[key]
+
+
+def answers_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Reply with a one-line reason (no traceback, no local paths) when ``handler`` fails; log it all here.
+
+    The full traceback stays in this node's log for its owner; the server gets what it needs to
+    know which node failed and why, and never the owner's file layout.
+    """
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:  # any failure becomes an error reply; the node stays up for the next round
+            log(ERROR, "zk0 client: %s failed:\n%s", msg.metadata.message_type, traceback.format_exc())
+            return Message(Error(code=CLIENT_ERROR, reason=error_reason(err)), reply_to=msg)
+    return wrapped
 
 
 def receive_global(rt: ClientRuntime, msg: Message) -> tuple[dict[str, torch.Tensor], ConfigRecord]:
@@ -94,6 +120,7 @@ def about(rt: ClientRuntime) -> dict[str, int | str]:
 
 
 @app.query()
+@answers_errors
 def query(msg: Message, context: Context) -> Message:
     """Report normalisation statistics of the training episodes (pooled by the server)."""
     rt = runtime(context)
@@ -103,6 +130,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@answers_errors
 def train(msg: Message, context: Context) -> Message:
     """Train from the received global tensors and reply with the verified update."""
     rt = runtime(context)
@@ -123,6 +151,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@answers_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's held-out episodes."""
     rt = runtime(context)

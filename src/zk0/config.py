@@ -8,6 +8,7 @@ passed around as this frozen object. Errors name the key and how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -16,6 +17,11 @@ STRATEGIES = ("fedprox", "fedavg")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TRANSPORT_DTYPES = ("bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+BASELINE_MODES = ("centralized", "local")
+
+
+# Keys that may change when a run resumes: none of them changes what the run computes.
+RESUME_FREE_KEYS = ("resume-from", "output-dir", "round-timeout", "use-wandb", "num-workers")
 
 
 class ConfigError(ValueError):
@@ -40,6 +46,7 @@ class RunConfig:
     model_name: str = "tiny"
     chunk_size: int = 10
     device: str = "auto"
+    server_device: str = "auto"
     transport_dtype: str = "bf16"
     fraction_train: float = 1.0
     min_train_nodes: int = 2
@@ -55,6 +62,7 @@ class RunConfig:
     split_seed: int = 0
     checkpoint_interval: int = 5
     datasets: str = "embedded"
+    registry: str = ""
     num_workers: int = 0
     output_dir: str = "outputs"
     use_wandb: bool = False
@@ -68,7 +76,9 @@ class RunConfig:
         values = {}
         for key, raw in run_config.items():
             if key not in known:
-                raise ConfigError(f"unknown run-config key {key!r}; known keys: {', '.join(sorted(known))}")
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
+                raise ConfigError(f"unknown run-config key {key!r}; {hint}")
             values[known[key].name] = _coerce(key, raw, known[key].type)
         cfg = cls(**values)
         cfg.validate()
@@ -103,6 +113,7 @@ class RunConfig:
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
         _choice("device", self.device, DEVICES)
+        _choice("server-device", self.server_device, DEVICES)
         for key in ("num-server-rounds", "local-steps", "batch-size", "chunk-size", "eval-every",
                     "eval-batches", "checkpoint-interval", "sim-eval-episodes"):
             if getattr(self, key.replace("-", "_")) < 1:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import av.logging
 import numpy as np
 import torch
 from lerobot.datasets.compute_stats import aggregate_stats, get_feature_stats
 from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 from lerobot.datasets.utils import CompatibilityError
+from lerobot.datasets.video_utils import decode_video_frames
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 
 from zk0 import sim, tiny
@@ -92,30 +95,109 @@ def open_metadata(entry: DatasetEntry) -> LeRobotDatasetMetadata:
         raise DatasetError(f"dataset {entry.uri!r} could not be opened ({type(err).__name__}): {hint}") from None
 
 
-def schema_mismatches(meta: LeRobotDatasetMetadata, policy_cfg: SmolVLAConfig, cameras: dict[str, str]) -> list[str]:
+def camera_feeds(entry: DatasetEntry, meta: LeRobotDatasetMetadata,
+                 policy_cfg: SmolVLAConfig) -> tuple[dict[str, str], list[str]]:
+    """The renames that feed the policy's cameras from the dataset's, and what is wrong with them.
+
+    SmolVLA runs with any non-empty subset of its cameras (it skips, or pads up to
+    ``empty_cameras``, the others), so a dataset fits when at least one of its cameras feeds a
+    policy camera: under the policy's own key, through the entry's mapping (every key of which
+    must be a dataset camera), or through the profile's convention where it applies.
+    """
+    have, wanted = list(meta.camera_keys), list(policy_cfg.image_features)
+    problems = [f"camera mapping names {src!r}, which is not a camera of the dataset (its cameras: {have})"
+                for src in entry.cameras if src not in have]
+    problems += [f"camera mapping sends {src!r} to {dst!r}, which is not a camera of the policy "
+                 f"(policy cameras: {wanted})" for src, dst in entry.cameras.items() if dst not in wanted]
+    renames = {src: dst for src, dst in entry.cameras.items() if src in have}
+    for src, dst in entry.camera_defaults.items():  # a convention: first come, first served, never overriding
+        if src in have and src not in renames and dst in wanted and dst not in renames.values():
+            renames[src] = dst
+    feeds: dict[str, list[str]] = {}
+    for cam in have:
+        feeds.setdefault(renames.get(cam, cam), []).append(cam)
+    problems += [f"dataset cameras {sources} all feed policy camera {dst!r}; map them apart"
+                 for dst, sources in feeds.items() if len(sources) > 1 and dst in wanted]
+    if not any(dst in wanted for dst in feeds) and not problems:
+        problems.append(f"no dataset camera feeds the policy: dataset cameras {have}, policy cameras {wanted}; map "
+                        f"one (registry entry cameras = {{\"{have[0] if have else '<dataset key>'}\" = "
+                        f"\"{wanted[0]}\"}}, or zk0 client start --camera DATASET_KEY=POLICY_KEY)")
+    return renames, problems
+
+
+def describe_cameras(renames: dict[str, str], meta: LeRobotDatasetMetadata, policy_cfg: SmolVLAConfig) -> str:
+    """Which dataset camera feeds which policy camera, e.g. ``top -> observation.image, (none) -> …image3``."""
+    fed = {renames.get(cam, cam): cam for cam in meta.camera_keys}
+    return ", ".join(f"{fed.get(dst, '(none: SmolVLA skips it)')} -> {dst}" for dst in policy_cfg.image_features)
+
+
+def schema_mismatches(meta: LeRobotDatasetMetadata, policy_cfg: SmolVLAConfig, entry: DatasetEntry) -> list[str]:
     """Every way the dataset differs from what the policy expects (empty when it fits)."""
     problems = []
-    feats = {cameras.get(k, k): v for k, v in meta.features.items()}
     for key, expected in ((STATE, policy_cfg.robot_state_feature), (ACTION, policy_cfg.action_feature)):
-        if key not in feats:
+        if key not in meta.features:
             problems.append(f"missing feature {key!r}")
-        elif tuple(feats[key]["shape"]) != tuple(expected.shape):
-            problems.append(f"{key} has shape {tuple(feats[key]['shape'])}, policy expects {tuple(expected.shape)}")
-    have = sorted(k for k, v in feats.items() if v["dtype"] in ("video", "image"))
-    for cam in sorted(policy_cfg.image_features):
-        if cam not in have:
-            problems.append(f"camera {cam!r} missing (dataset cameras: {have}); map one in the registry entry "
-                            f"with cameras = {{\"<dataset key>\" = \"{cam}\"}}")
+        elif tuple(meta.features[key]["shape"]) != tuple(expected.shape):
+            problems.append(f"{key} has shape {tuple(meta.features[key]['shape'])}, policy expects "
+                            f"{tuple(expected.shape)}")
+    problems += camera_feeds(entry, meta, policy_cfg)[1]
     if meta.fps != POLICY_FPS:
         problems.append(f"fps is {meta.fps}, policy expects {POLICY_FPS}")
     return problems
 
 
-def check_schema(entry: DatasetEntry, meta: LeRobotDatasetMetadata, policy_cfg: SmolVLAConfig) -> None:
-    """Raise :class:`DatasetError` naming every mismatch between dataset and policy."""
-    problems = schema_mismatches(meta, policy_cfg, entry.cameras)
+def check_schema(entry: DatasetEntry, meta: LeRobotDatasetMetadata, policy_cfg: SmolVLAConfig) -> DatasetEntry:
+    """The entry with its resolved camera renames; :class:`DatasetError` naming every mismatch otherwise."""
+    problems = schema_mismatches(meta, policy_cfg, entry)
     if problems:
         raise DatasetError(f"dataset {entry.uri!r} does not match the policy: " + "; ".join(problems))
+    return replace(entry, cameras=camera_feeds(entry, meta, policy_cfg)[0], camera_defaults={})
+
+
+def check_frames(entry: DatasetEntry, meta: LeRobotDatasetMetadata) -> None:
+    """Decode the last frame of every video camera in every episode; one line naming the first that fails.
+
+    A video that will not decode would otherwise pass every check and fail each round on the node.
+    """
+    for episode in range(meta.total_episodes):
+        info = meta.episodes[episode]
+        for cam in meta.video_keys:
+            timestamp = info[f"videos/{cam}/from_timestamp"] + (info["length"] - 1) / meta.fps
+            try:
+                with _ffmpeg_quiet():
+                    decode_video_frames(meta.root / meta.get_video_file_path(episode, cam), [timestamp],
+                                        tolerance_s=0.5 / meta.fps, backend="pyav")
+            except Exception as err:  # PyAV, FFmpeg and LeRobot's timestamp checks raise many kinds
+                raise DatasetError(f"dataset {entry.uri!r}: camera {cam!r} of episode {episode} does not decode "
+                                   f"({type(err).__name__}); re-encode or drop that episode") from None
+
+
+@contextmanager
+def _ffmpeg_quiet() -> Iterator[None]:
+    """FFmpeg's own messages off: a broken video is reported in one line, not in FFmpeg's dozen."""
+    before = av.logging.get_level()
+    av.logging.set_level(av.logging.PANIC)
+    try:
+        yield
+    finally:
+        av.logging.set_level(before)
+
+
+def preflight(entry: DatasetEntry, policy_cfg: SmolVLAConfig, training: bool) -> DatasetEntry:
+    """Everything that can be checked before a run: opens, fits the policy, decodes, can be split.
+
+    Takes seconds and fails with one line, so a node or a simulation never starts on data that
+    would fail every round. Returns the entry with its resolved camera renames.
+    """
+    meta = open_metadata(entry)
+    resolved = check_schema(entry, meta, policy_cfg)
+    if training and meta.total_episodes < 2:
+        raise DatasetError(f"dataset {entry.uri!r} has {meta.total_episodes} episode; a client needs at least 2 "
+                           "(training and held-out episodes); record more")
+    if entry.scheme == "hf":
+        meta = LeRobotDataset(meta.repo_id, video_backend="pyav").meta  # the videos, not just the metadata
+    check_frames(entry, meta)
+    return resolved
 
 
 def split_episodes(num_episodes: int, held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -128,11 +210,11 @@ def split_episodes(num_episodes: int, held_out_fraction: float, seed: int) -> tu
 
 
 def open_split(entry: DatasetEntry, policy_cfg: SmolVLAConfig, held_out_fraction: float, seed: int) -> DatasetSplit:
-    """Open ``entry``, check it against the policy and split it by episode."""
+    """Open ``entry``, check it against the policy and split it by episode (the split's entry has resolved renames)."""
     meta = open_metadata(entry)
-    check_schema(entry, meta, policy_cfg)
+    resolved = check_schema(entry, meta, policy_cfg)
     train_eps, held_eps = split_episodes(meta.total_episodes, held_out_fraction, seed)
-    return DatasetSplit(entry, meta, _load(meta, policy_cfg, train_eps), _load(meta, policy_cfg, held_eps))
+    return DatasetSplit(resolved, meta, _load(meta, policy_cfg, train_eps), _load(meta, policy_cfg, held_eps))
 
 
 def _load(meta: LeRobotDatasetMetadata, policy_cfg: SmolVLAConfig, episodes: list[int] | None = None) -> LeRobotDataset:
@@ -165,11 +247,10 @@ def pool_stats(encoded: list[str]) -> str:
     return encode_stats(aggregate_stats(stats))
 
 
-def open_full(entry: DatasetEntry, policy_cfg: SmolVLAConfig) -> LeRobotDataset:
-    """All episodes of an evaluation dataset (unseen task: nothing of it is trained on)."""
+def open_full(entry: DatasetEntry, policy_cfg: SmolVLAConfig) -> tuple[DatasetEntry, LeRobotDataset]:
+    """All episodes of an evaluation dataset (unseen task: nothing of it is trained on), with the resolved entry."""
     meta = open_metadata(entry)
-    check_schema(entry, meta, policy_cfg)
-    return _load(meta, policy_cfg)
+    return check_schema(entry, meta, policy_cfg), _load(meta, policy_cfg)
 
 
 def rename_cameras(batch: dict, cameras: dict[str, str]) -> dict:

@@ -65,9 +65,9 @@ def tiny_config(chunk_size: int, device: str) -> SmolVLAConfig:
     return local_config(TINY, chunk_size, device)
 
 
-def build_policy(cfg: RunConfig) -> SmolVLAPolicy:
-    """The policy named by ``cfg.model_name`` on ``cfg.device``, with SmolVLA's trainable split."""
-    device = resolve_device(cfg.device)
+def build_policy(cfg: RunConfig, device_name: str | None = None) -> SmolVLAPolicy:
+    """The policy named by ``cfg.model_name`` on ``device_name`` (default: the clients' ``cfg.device``)."""
+    device = resolve_device(device_name or cfg.device)
     if cfg.model_name in LOCAL_MODELS:
         torch.manual_seed(cfg.seed)  # the frozen base must be identical on every node
         policy = SmolVLAPolicy(local_config(cfg.model_name, cfg.chunk_size, device.type))
@@ -75,6 +75,24 @@ def build_policy(cfg: RunConfig) -> SmolVLAPolicy:
         policy = _load_pretrained(cfg.model_name, device)
         policy.config.chunk_size = policy.config.n_action_steps = cfg.chunk_size
     return policy.to(device)
+
+
+def policy_config(cfg: RunConfig) -> SmolVLAConfig:
+    """The policy's config without its weights: enough to check datasets against it in seconds."""
+    if cfg.model_name in LOCAL_MODELS:
+        return local_config(cfg.model_name, cfg.chunk_size, "cpu")
+    require_model(cfg.model_name)
+    from lerobot.configs.policies import PreTrainedConfig
+
+    try:
+        config = PreTrainedConfig.from_pretrained(cfg.model_name)
+    except Exception as err:  # draccus, json, hub and filesystem errors all mean the same here
+        raise ModelUnavailable(f"model {cfg.model_name!r}: its config.json could not be read "
+                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(config, SmolVLAConfig):
+        raise ModelUnavailable(f"model {cfg.model_name!r} is a {config.type!r} policy, not a SmolVLA")
+    config.chunk_size = config.n_action_steps = cfg.chunk_size
+    return config
 
 
 def require_model(name: str) -> None:
@@ -88,10 +106,17 @@ def require_model(name: str) -> None:
 
 
 def _load_pretrained(name: str, device: torch.device) -> SmolVLAPolicy:
-    """Load a pretrained SmolVLA, failing within seconds with one line when it is unreachable."""
+    """Load a pretrained SmolVLA, failing within seconds with one line when it is unreachable.
+
+    A zk0 checkpoint folder carries its local VLM; its config points there (see ``load_config``).
+    """
+    from zk0.checkpoint import load_config
+
     require_model(name)
     try:
-        return SmolVLAPolicy.from_pretrained(name, device=device.type)
+        config = load_config(name)
+        config.device = device.type
+        return SmolVLAPolicy.from_pretrained(name, config=config)
     except (OSError, ValueError) as err:
         raise ModelUnavailable(f"model {name!r} could not be loaded as a SmolVLA policy: "
                                f"{str(err).splitlines()[0]}") from None

@@ -1,14 +1,18 @@
 """Dataset registry: which LeRobotDataset each client trains on and the server evaluates on.
 
-Lives in ``[tool.zk0.datasets.<profile>]`` of the app's pyproject.toml; the run config
-key ``datasets`` picks the profile. Each entry is a dataset URI:
+The run config picks a profile (``datasets``) and, optionally, a registry file of the user's
+own (``registry``). Without a file, profiles come from ``[tool.zk0.datasets.<profile>]`` of the
+app's pyproject.toml; a registry file has the same tables at its top level (``[<profile>]``).
+Each entry is a dataset URI:
 
 * ``hf:user/name`` (or a bare ``user/name``): a Hugging Face hub dataset;
 * ``local:/abs/path`` (or an absolute path): a LeRobotDataset folder on disk;
 * ``embedded:<task>``: expert demonstrations zk0 records in its SO-101 simulator and caches.
 
-An entry may map dataset camera keys onto the policy's (``cameras = {"observation.images.top" =
-"observation.images.front"}``) because real SO-100 datasets name cameras differently.
+Real SO-100/SO-101 datasets name their cameras freely, so an entry maps dataset camera keys
+onto the policy's (``cameras = {"observation.images.top" = "observation.image"}``); every key
+it names must exist in the dataset. A profile may also carry ``cameras``: a convention for all
+of its entries whose keys a dataset may lack (an entry's own mapping wins).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pathlib import Path
 
 import zk0
 
+SCHEMES = ("hf", "local", "embedded")
+
 
 class RegistryError(ValueError):
     """The registry (or an entry of it) cannot be used; the message says what to fix."""
@@ -26,10 +32,15 @@ class RegistryError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """One dataset of the registry."""
+    """One dataset of the registry.
+
+    ``cameras`` must all apply (each key is a camera of the dataset); ``camera_defaults`` (the
+    profile's convention) apply where the dataset has the key.
+    """
 
     uri: str
     cameras: dict[str, str] = field(default_factory=dict)
+    camera_defaults: dict[str, str] = field(default_factory=dict)
 
     @property
     def scheme(self) -> str:
@@ -45,7 +56,7 @@ class DatasetEntry:
 
     @property
     def name(self) -> str:
-        """A short, filesystem-safe name for logs, metrics and charts."""
+        """A short, filesystem-safe name for logs, metrics and charts (never a local path)."""
         return Path(self.target).name if self.scheme == "local" else self.target.replace("/", "__")
 
 
@@ -56,6 +67,7 @@ class Registry:
     profile: str
     clients: tuple[DatasetEntry, ...]
     server_eval: tuple[DatasetEntry, ...]
+    source: str = ""
 
     def client(self, partition_id: int) -> DatasetEntry:
         """The dataset of simulation partition ``partition_id``."""
@@ -67,37 +79,99 @@ class Registry:
 
 
 def default_pyproject() -> Path:
-    """The app's pyproject.toml: the project root above the ``zk0`` package."""
-    return Path(zk0.__file__).resolve().parents[2] / "pyproject.toml"
+    """The app's pyproject.toml: the checkout's (editable install) or the copy inside the package."""
+    package = Path(zk0.__file__).resolve().parent
+    checkout = package.parents[1] / "pyproject.toml"
+    return checkout if checkout.is_file() else package / "pyproject.toml"
 
 
-def load_registry(profile: str, pyproject: Path | None = None) -> Registry:
-    """Read profile ``profile`` of ``[tool.zk0.datasets]`` and validate its entries."""
-    path = pyproject or default_pyproject()
+def load_registry(profile: str, registry_file: str = "") -> Registry:
+    """Profile ``profile`` of the registry file, or of ``[tool.zk0.datasets]`` when none is given."""
+    if registry_file:
+        path = Path(registry_file).expanduser()
+        profiles = _read_toml(path, "registry file", "set run-config 'registry' to a TOML file of [<profile>] "
+                                                     "tables (see docs/own-data.md)")
+        profiles = profiles.get("tool", {}).get("zk0", {}).get("datasets", profiles)
+        where = f"registry file {path}"
+    else:
+        path = default_pyproject()
+        profiles = _read_toml(path, "dataset registry", "install zk0 with `pip install -e .` or pass run-config "
+                                                        "'registry'")
+        profiles = profiles.get("tool", {}).get("zk0", {}).get("datasets", {})
+        where = f"[tool.zk0.datasets] of {path}"
+    if profile not in profiles or not isinstance(profiles[profile], dict):
+        available = ", ".join(sorted(k for k, v in profiles.items() if isinstance(v, dict))) or "none"
+        raise RegistryError(f"dataset profile {profile!r} not in {where}; available: {available}")
+    return _profile(profile, profiles[profile], str(path))
+
+
+def _read_toml(path: Path, what: str, fix: str) -> dict:
     if not path.is_file():
-        raise RegistryError(f"dataset registry not found: {path} does not exist (install zk0 from a "
-                            "checkout with `pip install -e .` so its pyproject.toml is next to the package)")
-    profiles = tomllib.loads(path.read_text()).get("tool", {}).get("zk0", {}).get("datasets", {})
-    if profile not in profiles:
-        raise RegistryError(f"dataset profile {profile!r} not in [tool.zk0.datasets] of {path}; "
-                            f"available: {', '.join(sorted(profiles)) or 'none'}")
-    table = profiles[profile]
-    clients = tuple(_entry(e, profile) for e in table.get("clients", []))
-    server_eval = tuple(_entry(e, profile) for e in table.get("server-eval", []))
+        raise RegistryError(f"{what} {path} does not exist; {fix}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise RegistryError(f"{what} {path} is not valid TOML: {err}") from None
+
+
+def _profile(profile: str, table: dict, source: str) -> Registry:
+    defaults = _cameras(table.get("cameras", {}), f"profile {profile!r}")
+    unknown = sorted(set(table) - {"clients", "server-eval", "cameras"})
+    if unknown:
+        raise RegistryError(f"dataset profile {profile!r}: unknown key(s) {', '.join(unknown)}; "
+                            "expected clients, server-eval, cameras")
+    clients = tuple(_entry(e, profile, defaults) for e in _list(table, "clients", profile))
+    server_eval = tuple(_entry(e, profile, defaults) for e in _list(table, "server-eval", profile))
     if not clients:
         raise RegistryError(f"dataset profile {profile!r} lists no clients")
-    return Registry(profile, clients, server_eval)
+    return Registry(profile, clients, server_eval, source)
 
 
-def _entry(raw: str | dict, profile: str) -> DatasetEntry:
+def _list(table: dict, key: str, profile: str) -> list:
+    value = table.get(key, [])
+    if not isinstance(value, list):
+        raise RegistryError(f"dataset profile {profile!r}: {key} must be a list of entries")
+    return value
+
+
+def _entry(raw: str | dict, profile: str, defaults: dict[str, str]) -> DatasetEntry:
     if isinstance(raw, str):
         raw = {"uri": raw}
-    if not isinstance(raw, dict) or not isinstance(raw.get("uri"), str):
+    if not isinstance(raw, dict) or not isinstance(raw.get("uri"), str) or not raw["uri"]:
         raise RegistryError(f"dataset profile {profile!r}: entry {raw!r} needs a string 'uri'")
-    cameras = raw.get("cameras", {})
-    if not isinstance(cameras, dict) or not all(isinstance(v, str) for v in cameras.values()):
-        raise RegistryError(f"dataset {raw['uri']!r}: cameras must be a table of dataset key = policy key strings")
-    entry = DatasetEntry(uri=raw["uri"], cameras=dict(cameras))
-    if entry.scheme not in ("hf", "local", "embedded"):
+    entry = DatasetEntry(uri=raw["uri"], cameras=_cameras(raw.get("cameras", {}), f"dataset {raw['uri']!r}"),
+                         camera_defaults=defaults)
+    if entry.scheme not in SCHEMES:
         raise RegistryError(f"dataset URI {entry.uri!r}: scheme must be hf:, local: or embedded:")
     return entry
+
+
+def _cameras(raw: object, owner: str) -> dict[str, str]:
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                            for k, v in raw.items()):
+        raise RegistryError(f"{owner}: cameras must be a table of \"<dataset key>\" = \"<policy key>\" strings")
+    return dict(raw)
+
+
+def parse_camera_map(items: list[str] | str) -> dict[str, str]:
+    """``["top=observation.image", "wrist=observation.image2"]`` (or one comma-separated string) as a mapping.
+
+    Short names are dataset camera keys without ``observation.images.``; policy keys are used as given.
+    """
+    parts = [p.strip() for item in ([items] if isinstance(items, str) else items) for p in item.split(",")]
+    mapping: dict[str, str] = {}
+    for part in filter(None, parts):
+        source, sep, target = (s.strip() for s in part.partition("="))
+        if not sep or not source or not target:
+            raise RegistryError(f"camera mapping {part!r} is not DATASET_KEY=POLICY_KEY "
+                                "(e.g. observation.images.top=observation.image)")
+        source = source if "." in source else f"observation.images.{source}"
+        if source in mapping:
+            raise RegistryError(f"camera mapping names dataset camera {source!r} twice")
+        mapping[source] = target
+    return mapping
+
+
+def format_camera_map(mapping: dict[str, str]) -> str:
+    """Inverse of :func:`parse_camera_map` (node config carries the mapping as this one string)."""
+    return ",".join(f"{k}={v}" for k, v in mapping.items())

@@ -18,6 +18,7 @@ from zk0.config import RunConfig
 from zk0.data import decode_stats, open_full, pool_stats
 from zk0.evaluate import evaluate_dataset
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
+from zk0.reasons import one_line
 from zk0.registry import Registry, load_registry
 from zk0.report import progress_line, summary_table
 from zk0.sim.policy_eval import evaluate_in_sim, policy_image_size, simulator_tasks
@@ -31,9 +32,9 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) ``num-server-rounds`` rounds and leave everything in the run folder."""
     cfg = RunConfig.from_run_config(context.run_config)
-    registry = load_registry(cfg.datasets)
+    registry = load_registry(cfg.datasets, cfg.registry)
     simulator_tasks(cfg, registry)  # a config that cannot work fails before any work
-    policy = build_policy(cfg)
+    policy = build_policy(cfg, cfg.server_device)
     fingerprint = base_fingerprint(policy)
     run, state = open_run(cfg, registry, fingerprint, context.run_id)
     tracker = Tracker(run.root, cfg, resume_after=state.server_round if state else None)
@@ -143,7 +144,8 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog) -> str:
     reported = []
     for reply in send(grid, cfg, 0, "query", messages, audit):
         if reply.has_error():
-            log(WARNING, "node %s could not report dataset stats: %s", reply.metadata.src_node_id, reply.error.reason)
+            log(WARNING, "node %s could not report dataset stats: %s", reply.metadata.src_node_id,
+                one_line(reply.error.reason))
             audit.received(0, "query", reply, accepted=False, reason=reply.error.reason)
         else:
             reported.append(reply)
@@ -164,7 +166,7 @@ class RoundEnd:
         self.strategy, self.tracker = strategy, tracker
         self.stats = decode_stats(strategy.norm_stats)
         self.pre, self.post = make_pre_post_processors(policy.config, dataset_stats=self.stats)
-        self.eval_sets = [(e, open_full(e, policy.config)) for e in registry.server_eval]
+        self.eval_sets = [open_full(e, policy.config) for e in registry.server_eval]
         self.sim_tasks = simulator_tasks(cfg, registry)
         self.started = time.monotonic()
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lerobot.configs.policies import PreTrainedConfig
 from lerobot.configs.types import FeatureType
 from lerobot.policies.factory import make_pre_post_processors
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from lerobot.processor import PolicyProcessorPipeline
 
+from zk0.checkpoint import load_config
 from zk0.sim.expert import grasp_rotation, plan
 from zk0.sim.rollout import Act, rollout, write_mp4
 from zk0.config import ConfigError, RunConfig
@@ -145,27 +145,31 @@ def load_checkpoint(folder: Path, device: str = "cpu"
                     ) -> tuple[SmolVLAPolicy, PolicyProcessorPipeline, PolicyProcessorPipeline]:
     """``(policy, preprocessor, postprocessor)`` of a LeRobot SmolVLA checkpoint folder, on ``device``.
 
-    Raises :class:`CheckpointError` with one line naming the folder when anything is missing
-    or the policy is not a SmolVLA (the CLI prints it instead of a traceback).
+    A VLM the checkpoint carries (see :func:`zk0.checkpoint.load_config`) serves the policy
+    and the preprocessor's tokenizer alike. Raises :class:`CheckpointError` with one line
+    naming the folder when anything is missing or the policy is not a SmolVLA (the CLI
+    prints it instead of a traceback).
     """
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} is not a LeRobot checkpoint: no config.json there")
     try:
-        config = PreTrainedConfig.from_pretrained(folder)
+        config = load_config(folder)
     except Exception as err:  # draccus, json and lerobot raise many kinds
         raise _unloadable(folder, err) from None
     if not isinstance(config, SmolVLAConfig):
         raise CheckpointError(f"{folder} holds a policy of type {config.type!r}, not a SmolVLA")
     vlm = Path(config.vlm_model_name)
     if vlm.is_absolute() and not vlm.is_dir():
-        raise CheckpointError(f"{folder} needs the VLM folder {vlm}, which is missing: locally built backbones (model-"
-                              "name tiny, smolvla-size) live in the zk0 cache; set ZK0_CACHE as when it was saved")
+        raise CheckpointError(f"{folder} needs the VLM folder {vlm}, which is missing: a checkpoint saved before zk0 "
+                              "bundled local VLMs in vlm/ needs it; set ZK0_CACHE as when it was saved")
     config.device = device
     try:
         policy = SmolVLAPolicy.from_pretrained(folder, config=config)
         preprocessor, postprocessor = make_pre_post_processors(
-            config, pretrained_path=str(folder), preprocessor_overrides={"device_processor": {"device": device}})
+            config, pretrained_path=str(folder),
+            preprocessor_overrides={"device_processor": {"device": device},
+                                    "tokenizer_processor": {"tokenizer_name": config.vlm_model_name}})
     except Exception as err:  # transformers, safetensors and lerobot raise many kinds
         raise _unloadable(folder, err) from None
     return policy, preprocessor, postprocessor
