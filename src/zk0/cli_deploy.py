@@ -12,11 +12,12 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
 from zk0 import deploy
+from zk0.registry import SCHEMES, DatasetEntry, RegistryError, format_camera_map, parse_camera_map
 
 server_app = typer.Typer(no_args_is_help=True, help="Server operator: certificates, SuperLink, robot owners' keys.")
 client_app = typer.Typer(no_args_is_help=True, help="Robot owner: node key and the SuperNode for one dataset.")
@@ -25,23 +26,41 @@ ServerDir = Annotated[Path, typer.Option("--dir", "-d", help="The server folder 
 ClientDir = Annotated[Path, typer.Option("--dir", "-d", help="This node's folder (key, PID files, logs).")]
 DEFAULT_SERVER, DEFAULT_CLIENT = Path("zk0-server"), Path("zk0-client")
 FINISHED = "finished"
+UNKNOWN_RUN = "Run ID not found"  # Flower 1.42's reasons: a run id the SuperLink does not have,
+KNOWN_KEY = "Public key already in use"  # a node key registered before
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
 
 
-def flwr(folder: Path, *args: str, timeout: float = 120) -> dict:
-    """Run ``flwr ARGS zk0 --format json`` against the server folder's connection; its JSON reply."""
+def superlink(folder: Path) -> Path:
+    """The resolved server folder once its SuperLink answers: a stopped one is named in a second, in one line."""
+    folder = folder.resolve()
+    try:
+        deploy.require_superlink(folder)
+    except deploy.DeployError as err:
+        fail(str(err))
+    return folder
+
+
+def flwr(folder: Path, *args: str, timeout: float = 120, known: dict[str, str] | None = None) -> dict:
+    """Run ``flwr ARGS --format json`` against the server folder's connection; its JSON reply.
+
+    A failure ends the command with Flower's reason (the last line of its message), or with the line
+    ``known`` gives for a reason containing one of its keys.
+    """
     proc = subprocess.run([str(deploy.BIN / "flwr"), *args, "--format", "json"], env=deploy.flower_env(folder / "flwr"),
                           capture_output=True, text=True, timeout=timeout)
     try:
         reply = json.loads(proc.stdout[proc.stdout.find("{"):])
     except json.JSONDecodeError:
-        reply = {"success": False, "error-message": (proc.stderr or proc.stdout).strip()[-500:]}
+        reply = {"success": False, "error-message": proc.stderr or proc.stdout}
     if proc.returncode or not reply.get("success", False):
-        fail(f"flwr {args[0]} failed: {reply.get('error-message', proc.stderr.strip()[-500:])}")
+        lines = [line.strip() for line in str(reply.get("error-message", "")).splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit code {proc.returncode}"
+        fail(next((line for key, line in (known or {}).items() if key in reason), f"flwr {' '.join(args)} failed: {reason}"))
     return reply
 
 
@@ -85,8 +104,7 @@ def server_start(
             deploy.write_connection(folder / "flwr", f"127.0.0.1:{settings.port}", folder / "ca.crt")
         pid = deploy.start(folder, "superlink", deploy.superlink_command(folder, insecure),
                            deploy.flower_env(folder / "flwr"))
-        deploy.wait_listening(folder, "superlink", "127.0.0.1" if settings.bind == "0.0.0.0" else settings.bind,
-                              settings.port, timeout=60)
+        deploy.wait_listening(folder, "superlink", deploy.local_host(settings), settings.port, timeout=60)
     except deploy.DeployError as err:
         fail(str(err))
     typer.echo(f"SuperLink running (PID {pid}) on {settings.bind}:{settings.port}; log {folder / 'logs/superlink.log'}")
@@ -101,9 +119,13 @@ def server_add_node(
     """Register a robot owner's public key: only registered SuperNodes may connect."""
     if not public_key.is_file():
         fail(f"public key file {public_key} not found; the robot owner gets it from `zk0 client keygen`")
+    folder = superlink(folder)
     args = ["supernode", "register", str(public_key.resolve()), deploy.CONNECTION] + (["--name", name] if name else [])
-    reply = flwr(folder.resolve(), *args)
-    typer.echo(f"registered node {reply['node-id']}")
+    again = f"{public_key} is already registered with this SuperLink; `zk0 status -d {folder}` lists its nodes"
+    node_id = str(flwr(folder, *args, known={KNOWN_KEY: again})["node-id"])
+    if name:
+        deploy.name_node(folder, node_id, name)
+    typer.echo(f"registered node {node_id}" + (f" ({name})" if name else ""))
 
 
 @server_app.command("stop")
@@ -132,6 +154,12 @@ def client_keygen(folder: ClientDir = DEFAULT_CLIENT) -> None:
 def client_start(
     server: Annotated[str, typer.Option(help="The SuperLink as HOST:PORT.")],
     dataset: Annotated[str, typer.Option(help="This node's data: hf:user/name or local:/path (or embedded:task).")],
+    camera: Annotated[list[str] | None, typer.Option(
+        help="Feed a dataset camera to a policy camera: DATASET_KEY=POLICY_KEY, e.g. top=observation.image "
+             "(short dataset names get observation.images.); repeat for several.")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="The federation's base model (run-config model-name: tiny, smolvla-size, a hub id or a folder), "
+             "to check the dataset against; default: the app's.")] = None,
     ca: Annotated[Path | None, typer.Option(help="The federation's ca.crt, from the operator.")] = None,
     key: Annotated[Path | None, typer.Option(help="This node's private key (default: DIR/node_key).")] = None,
     folder: ClientDir = DEFAULT_CLIENT,
@@ -140,13 +168,16 @@ def client_start(
         help="Keep one ClientApp process with the policy and data loaded across rounds.")] = True,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the SuperLink to accept this node.")] = 60.0,
 ) -> None:
-    """Start a SuperNode serving one dataset to the federation."""
-    from zk0.data import DatasetError, open_metadata
-    from zk0.registry import DatasetEntry, RegistryError
-
+    """Start a SuperNode serving one dataset to the federation, once the dataset is checked against the policy."""
     folder = folder.resolve()
     if (running := deploy.running_pid(folder, "supernode")) is not None:
         fail(f"a SuperNode already runs from {folder} (PID {running}); `zk0 client stop -d {folder}` first")
+    try:
+        entry = DatasetEntry(uri=dataset, cameras=parse_camera_map(camera or []))
+    except RegistryError as err:
+        fail(f"--camera: {err}")
+    if entry.scheme not in SCHEMES:
+        fail(f"--dataset {dataset!r}: the scheme must be hf:, local: or embedded:")
     if insecure:
         typer.secho("warning: --insecure: traffic to the server is unencrypted and unauthenticated", fg="yellow",
                     err=True)
@@ -158,17 +189,15 @@ def client_start(
         if not key.is_file():
             fail(f"node key {key} not found; run `zk0 client keygen -d {folder}` and send node_key.pub to the operator")
         ca = ca.resolve()
-    try:
-        open_metadata(DatasetEntry(uri=dataset))
-    except (DatasetError, RegistryError) as err:
-        fail(str(err))
+    cameras = format_camera_map(check_node_data(entry, model))
     appio = deploy.free_port()
     env = deploy.flower_env(folder / "flwr")
     folder.mkdir(parents=True, exist_ok=True)
     secret = deploy.runtime_secret(folder) if resident else None
     started: list[str] = []
     try:
-        pid = deploy.start(folder, "supernode", deploy.supernode_command(server, dataset, ca, key, appio, secret), env)
+        pid = deploy.start(folder, "supernode",
+                           deploy.supernode_command(server, dataset, ca, key, appio, secret, cameras), env)
         started.append("supernode")
         if secret:
             deploy.wait_listening(folder, "supernode", "127.0.0.1", appio, timeout=60)
@@ -184,6 +213,29 @@ def client_start(
                     f"(log: {folder / 'logs/supernode.log'})", fg="yellow", err=True)
     else:
         typer.echo(f"SuperNode {node_id} (PID {pid}) serves {dataset} to {server}; logs in {folder / 'logs'}")
+
+
+def check_node_data(entry: DatasetEntry, model: str | None) -> dict[str, str]:
+    """The entry's camera renames, once its dataset passed every check training makes, in seconds.
+
+    Run before any process starts: a node whose data cannot train (shapes, fps, no camera feeding
+    the policy, a video that does not decode, under 2 episodes) would fail every round, and its
+    owner would see it only in the server's log.
+    """
+    from zk0.cli import settle_config
+
+    _, cfg = settle_config({"model-name": model} if model else {}, None)
+    from zk0.data import DatasetError, describe_cameras, open_metadata, preflight
+    from zk0.policy import ModelUnavailable, policy_config
+
+    try:
+        policy_cfg = policy_config(cfg)
+        checked = preflight(entry, policy_cfg, training=True)
+        meta = open_metadata(checked)
+    except (DatasetError, ModelUnavailable) as err:
+        fail(str(err))
+    typer.echo(f"cameras (dataset -> policy): {describe_cameras(checked.cameras, meta, policy_cfg)}")
+    return checked.cameras
 
 
 @client_app.command("stop")
@@ -206,17 +258,14 @@ def submit(
     detach: Annotated[bool, typer.Option("--detach", help="Submit and return; watch with `zk0 status`.")] = False,
 ) -> None:
     """Submit the zk0 app to the federation; follow its log and exit non-zero unless it completes."""
-    from zk0.cli import parse_overrides, preflight
+    from zk0.cli import check_setup, parse_overrides, settle_config
 
-    folder = folder.resolve()
-    try:
-        deploy.server_settings(folder)
-    except deploy.DeployError as err:
-        fail(str(err))
+    folder = superlink(folder)
     overrides = parse_overrides(run_config)
     if resume is None:
         overrides.setdefault("output-dir", str(folder / "runs"))
-    config = preflight(overrides, resume, local_clients=False)
+    config, cfg = settle_config(overrides, resume)
+    check_setup(cfg, None)
     config_file = folder / "logs" / f"run-config-{time.strftime('%Y%m%d-%H%M%S')}.toml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in config.items()))
@@ -238,7 +287,9 @@ def _toml(value: object) -> str:
 
 
 def run_status(folder: Path, run_id: int) -> str:
-    (row,) = flwr(folder, "ls", deploy.CONNECTION, "--run-id", str(run_id))["runs"]
+    """The run's status as Flower reports it (e.g. ``finished:completed``); an unknown run ends the command."""
+    unknown = f"run {run_id} is not a run of the SuperLink in {folder}; `zk0 status -d {folder}` lists its runs"
+    (row,) = flwr(folder, "ls", deploy.CONNECTION, "--run-id", str(run_id), known={UNKNOWN_RUN: unknown})["runs"]
     return row["status"]
 
 
@@ -260,7 +311,7 @@ def status(folder: ServerDir = DEFAULT_SERVER) -> None:
     """Runs (status, last round, bytes) and nodes (online/offline) of the federation."""
     from zk0.report import human_bytes
 
-    folder = folder.resolve()
+    folder = superlink(folder)
     progress = run_progress(folder / "runs")
     typer.echo("runs:")
     for run in flwr(folder, "ls", deploy.CONNECTION)["runs"]:
@@ -269,8 +320,9 @@ def status(folder: ServerDir = DEFAULT_SERVER) -> None:
         moved = f"sent {human_bytes(done.get('sent', 0))}, received {human_bytes(done.get('received', 0))}"
         typer.echo(f"  {run['run-id']}  {run['status']:<22} {rounds:<12} {moved}  {done.get('folder', '')}")
     typer.echo("nodes:")
+    names = deploy.node_names(folder)
     for node in flwr(folder, "supernode", "ls", deploy.CONNECTION)["nodes"]:
-        typer.echo(f"  {node['node-id']}  {node['status']:<10} {node.get('owner-name', '')}")
+        typer.echo(f"  {node['node-id']}  {node['status']:<10} {names.get(node['node-id'], '')}")
 
 
 def run_progress(runs: Path) -> dict[int, dict]:
@@ -295,8 +347,9 @@ def logs(
     follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming new lines.")] = False,
 ) -> None:
     """Print a run's ServerApp log."""
+    folder = superlink(folder)
     proc = subprocess.run([str(deploy.BIN / "flwr"), "log", str(run_id), deploy.CONNECTION,
-                           "--stream" if follow_ else "--show"], env=deploy.flower_env(folder.resolve() / "flwr"))
+                           "--stream" if follow_ else "--show"], env=deploy.flower_env(folder / "flwr"))
     raise typer.Exit(proc.returncode)
 
 
@@ -304,6 +357,13 @@ def stop_run(
     run_id: Annotated[int, typer.Argument(help="The run id (`zk0 status`).")],
     folder: ServerDir = DEFAULT_SERVER,
 ) -> None:
-    """Stop a run; its run folder keeps everything up to the last completed round (resume with --resume)."""
-    flwr(folder.resolve(), "stop", str(run_id), deploy.CONNECTION)
+    """Stop a run; its run folder keeps everything up to the last completed round (resume with --resume).
+
+    A run that already finished is left as it is, and says so: nothing is wrong.
+    """
+    folder = superlink(folder)
+    if (state := run_status(folder, run_id)).startswith(FINISHED):
+        typer.echo(f"run {run_id} already finished ({state})")
+        return
+    flwr(folder, "stop", str(run_id), deploy.CONNECTION)
     typer.echo(f"run {run_id} stopped")

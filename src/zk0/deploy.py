@@ -7,6 +7,7 @@ The server operator's folder (``zk0 server init DIR``)::
     server.json               bind address, port and hosts chosen at init
     flwr/config.toml          FLWR_HOME of the operator's ``flwr`` CLI: connection ``zk0``
     state.db                  SuperLink state (registered nodes, runs), kept across restarts
+    nodes.json                names given to nodes at ``zk0 server add-node``, by node id
     runs/                     run folders (``output-dir`` of ``zk0 run``)
     pids/  logs/              PID files and logs of the processes zk0 started
 
@@ -41,6 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CONNECTION = "zk0"
 BIN = Path(sys.executable).parent
 CERT_DAYS = 825
+NODES = "nodes.json"
 
 
 class DeployError(RuntimeError):
@@ -95,9 +97,18 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` readable by its owner only, replacing ``path`` atomically: the file is never
+    readable by others for a moment, nor half written after a crash."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.unlink(missing_ok=True)
+    with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+        f.write(data)
+    os.replace(staging, path)
+
+
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
-    path.chmod(0o600)
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
@@ -154,6 +165,38 @@ def server_settings(folder: Path) -> ServerSettings:
     return ServerSettings(**json.loads(path.read_text()))
 
 
+def local_host(settings: ServerSettings) -> str:
+    """The address this machine dials to reach its own SuperLink (one bound to all interfaces answers on loopback)."""
+    return "127.0.0.1" if settings.bind == "0.0.0.0" else settings.bind
+
+
+def require_superlink(folder: Path) -> ServerSettings:
+    """The folder's settings once its SuperLink runs and accepts connections; else one line on how to start it.
+
+    Asked first, because ``flwr run`` against a stopped SuperLink retries for minutes before a traceback.
+    """
+    settings = server_settings(folder)
+    host = local_host(settings)
+    listening = accepts(host, settings.port)
+    if listening and running_pid(folder, "superlink") is not None:
+        return settings
+    why = (f"{host}:{settings.port} is taken by a process not started from this folder" if listening
+           else f"nothing listens on {host}:{settings.port}")
+    raise DeployError(f"no SuperLink is running from {folder} ({why}): start it with `zk0 server start -d {folder}`")
+
+
+def node_names(folder: Path) -> dict[str, str]:
+    """Names given at ``zk0 server add-node``, by node id: Flower 1.42 stores them but its ``flwr supernode ls``
+    never shows them."""
+    path = folder / NODES
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def name_node(folder: Path, node_id: str, name: str) -> None:
+    """Record ``name`` for ``node_id`` in ``nodes.json`` (private: it names the federation's robot owners)."""
+    write_private(folder / NODES, (json.dumps(node_names(folder) | {node_id: name}, indent=2) + "\n").encode())
+
+
 def write_connection(flwr_home: Path, address: str, ca: Path | None) -> None:
     """``$FLWR_HOME/config.toml`` with the default connection ``zk0`` (TLS unless ``ca`` is None)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -175,13 +218,18 @@ def superlink_command(folder: Path, insecure: bool) -> list[str]:
 
 
 def supernode_command(server: str, dataset: str, ca: Path | None, key: Path | None, appio_port: int,
-                      resident_secret: Path | None) -> list[str]:
-    """``flower-supernode`` for one dataset, which reaches the ClientApp as node config ``dataset``.
+                      resident_secret: Path | None, cameras: str = "") -> list[str]:
+    """``flower-supernode`` for one dataset, which reaches the ClientApp as node config ``dataset`` and ``cameras``
+    (dataset camera -> policy camera, as :func:`zk0.registry.format_camera_map` writes it).
+
+    Flower parses ``--node-config`` as space-separated TOML ``key=value`` pairs: values are quoted as
+    JSON strings, which are TOML strings too.
 
     With ``resident_secret`` it leaves ClientApps to the zk0 worker (``--isolation process``)
     and hands tasks only to a caller that proves it holds that secret.
     """
-    cmd = [str(BIN / "flower-supernode"), "--superlink", server, "--node-config", f"dataset={json.dumps(dataset)}",
+    node_config = f"dataset={json.dumps(dataset)} cameras={json.dumps(cameras)}"
+    cmd = [str(BIN / "flower-supernode"), "--superlink", server, "--node-config", node_config,
            "--host", "127.0.0.1", "--port", str(appio_port)]
     if resident_secret:
         cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(resident_secret)]
@@ -201,9 +249,7 @@ def runtime_secret(folder: Path) -> Path:
     """A fresh random secret (mode 600) shared by a SuperNode and its worker, so no other local
     process can take the node's tasks from its loopback runtime API."""
     path = folder / "runtime.secret"
-    path.unlink(missing_ok=True)
-    path.touch(mode=0o600)
-    path.write_bytes(os.urandom(32))
+    write_private(path, os.urandom(32))
     return path
 
 
@@ -304,11 +350,17 @@ def wait_listening(folder: Path, name: str, host: str, port: int, timeout: float
     while time.monotonic() < deadline:
         if running_pid(folder, name) is None:
             raise _exited(folder, name)
-        with socket.socket() as sock:
-            if sock.connect_ex((host, port)) == 0:
-                return
+        if accepts(host, port):
+            return
         time.sleep(0.3)
     raise DeployError(f"{name} did not listen on {host}:{port} within {timeout:.0f}s; see {folder / 'logs' / name}.log")
+
+
+def accepts(host: str, port: int, timeout: float = 5.0) -> bool:
+    """Whether ``host:port`` accepts a TCP connection now."""
+    with socket.socket() as sock:
+        sock.settimeout(timeout)
+        return sock.connect_ex((host, port)) == 0
 
 
 def wait_connected(folder: Path, name: str, timeout: float) -> str | None:

@@ -1,0 +1,139 @@
+"""The deployment CLI's checks that need no Flower process: `zk0 client start` refusing data or
+options before anything starts, commands naming a stopped SuperLink at once, node names, node config.
+
+The end-to-end federation is in tests/test_deploy.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import synthetic
+from flwr.common.config import parse_config_args
+from typer.testing import CliRunner
+
+from zk0 import deploy
+from zk0.cli import app
+from zk0.cli_deploy import check_node_data
+from zk0.registry import DatasetEntry, format_camera_map, parse_camera_map
+
+HEAVY = ("torch", "lerobot")  # what a fail path that only parses options must not import
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines a user sees on stderr (``-X importtime`` lines aside)."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("import time:")]
+
+
+@pytest.fixture(scope="module")
+def top_only(tmp_path_factory) -> Path:
+    """A dataset whose one camera, ``top``, is not a camera of the tiny policy (front, wrist)."""
+    return synthetic.generate(synthetic.TASKS["red-left"], tmp_path_factory.mktemp("data") / "top-only",
+                              episodes=2, frames=8, image_size=32, seed=0, cameras=("top",))
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--insecure", "--camera", "top"], "error: --camera: camera mapping 'top' is not DATASET_KEY=POLICY_KEY"),
+    (["--insecure", "--dataset", "ftp:x"], "error: --dataset 'ftp:x': the scheme must be"),
+    (["--ca", "missing.crt"], "error: --ca missing.crt: the federation's ca.crt is required"),
+    (["--ca", "{ca}"], "error: node key {dir}/node_key not found"),
+], ids=["camera-syntax", "dataset-scheme", "no-ca", "no-key"])
+def test_client_start_refuses_bad_options_in_one_line_before_heavy_imports(tmp_path, options, expected):
+    (tmp_path / "ca.crt").write_text("not used")
+    folder = tmp_path / "node"
+    options = [o.format(ca=tmp_path / "ca.crt") for o in options]
+    args = ["client", "start", "-d", str(folder), "--server", "127.0.0.1:1", "--dataset", "embedded:red-pick", *options]
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "zk0", *args], capture_output=True, text=True,
+                          timeout=300)
+    elapsed = time.monotonic() - started
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(expected.format(dir=folder)), lines
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert not imported & set(HEAVY), "options are checked before torch and LeRobot load"
+    assert not folder.exists(), "nothing is written before the checks pass"
+    assert elapsed < 60, f"a parse error took {elapsed:.1f}s"
+
+
+@pytest.mark.parametrize("cameras, expected", [
+    ([], "no dataset camera feeds the policy"),
+    (["side=observation.images.front"], "camera mapping names 'observation.images.side', which is not a camera of"),
+    (["top=observation.image"], "camera mapping sends 'observation.images.top' to 'observation.image', which is not"),
+], ids=["unmapped", "absent-camera", "not-a-policy-camera"])
+def test_client_start_refuses_data_no_policy_camera_can_see(tmp_path, top_only, cameras, expected):
+    folder = tmp_path / "node"
+    deploy.keygen(folder)
+    (tmp_path / "ca.crt").write_text("checked by the SuperNode only")
+    args = ["client", "start", "-d", str(folder), "--server", "127.0.0.1:1", "--ca", str(tmp_path / "ca.crt"),
+            "--dataset", f"local:{top_only}", *[arg for cam in cameras for arg in ("--camera", cam)]]
+    result = CliRunner().invoke(app, args)
+    lines = error_lines(result.stderr)
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert expected in lines[0] and lines[0].startswith("error: dataset "), lines
+    assert not (folder / "pids").exists(), "no process starts on data that cannot train"
+
+
+def test_a_remapped_camera_is_checked_described_and_reaches_the_node_config(tmp_path, capsys):
+    root = synthetic.generate(synthetic.TASKS["green-right"], tmp_path / "renamed", episodes=2, frames=8,
+                              image_size=32, seed=1, cameras=("top", "wrist"))
+    entry = DatasetEntry(uri=f"local:{root}", cameras=parse_camera_map(["top=observation.images.front"]))
+    renames = check_node_data(entry, "tiny")
+    assert renames == {"observation.images.top": "observation.images.front"}
+    described = capsys.readouterr().out
+    assert "observation.images.top -> observation.images.front" in described
+    assert "observation.images.wrist -> observation.images.wrist" in described
+    cmd = deploy.supernode_command("127.0.0.1:1", entry.uri, None, None, 1, None, format_camera_map(renames))
+    node_config = parse_config_args([cmd[cmd.index("--node-config") + 1]])  # as flower-supernode parses it
+    assert node_config["dataset"] == entry.uri and parse_camera_map(node_config["cameras"]) == renames
+
+
+@pytest.fixture
+def stopped_server(tmp_path) -> Path:
+    """A server folder made by `zk0 server init` whose SuperLink was never started."""
+    folder = tmp_path / "server"
+    deploy.init_server(folder, [], "127.0.0.1", deploy.free_port())
+    deploy.keygen(tmp_path / "node")
+    return folder
+
+
+@pytest.mark.parametrize("command", [["run"], ["status"], ["logs", "1"], ["stop", "1"],
+                                     ["server", "add-node", "{key}", "--name", "alice"]],
+                         ids=["run", "status", "logs", "stop", "add-node"])
+def test_commands_name_a_stopped_superlink_at_once(stopped_server, command):
+    """`flwr run` would retry for 4 minutes and end in a traceback; the acceptance wants < 10 s on a quiet machine."""
+    args = [a.format(key=stopped_server.parent / "node" / "node_key.pub") for a in command]
+    started = time.monotonic()
+    proc = subprocess.run([str(Path(sys.executable).parent / "zk0"), *args, "-d", str(stopped_server)],
+                          capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - started
+    port = deploy.server_settings(stopped_server).port
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"error: no SuperLink is running from {stopped_server} (nothing listens on 127.0.0.1:{port}): "
+        f"start it with `zk0 server start -d {stopped_server}`"), proc.stderr
+    assert elapsed < 60, f"zk0 {' '.join(command)} took {elapsed:.1f}s to say the SuperLink is down"
+
+
+def test_a_port_taken_by_another_process_is_not_our_superlink(stopped_server):
+    import socket
+
+    port = deploy.server_settings(stopped_server).port
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        result = CliRunner().invoke(app, ["status", "-d", str(stopped_server)])
+    assert result.exit_code == 1
+    assert f"127.0.0.1:{port} is taken by a process not started from this folder" in result.stderr
+
+
+def test_node_names_are_kept_private_and_merged(tmp_path):
+    deploy.name_node(tmp_path, "11", "alice")
+    deploy.name_node(tmp_path, "22", "bob")
+    assert deploy.node_names(tmp_path) == {"11": "alice", "22": "bob"}
+    assert (tmp_path / deploy.NODES).stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == [deploy.NODES], "no staging file is left behind"
