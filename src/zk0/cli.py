@@ -147,8 +147,8 @@ def simulate(
                           f"{cfg.min_evaluate_nodes}: the server would wait for clients that never come"))
     if client_cpus <= 0 or (client_gpus is not None and client_gpus < 0):
         _fail(ConfigError("--client-cpus must be > 0 and --client-gpus >= 0"))
-    check_setup(cfg, n)
     resources = {"num_cpus": client_cpus, "num_gpus": client_gpu_share(cfg, n, client_gpus)}
+    check_setup(cfg, n)
     before = set(Path(cfg.output_dir).glob("*")) if Path(cfg.output_dir).exists() else set()
     _run_simulation(overrides, n, resources)
     created = sorted(set(Path(cfg.output_dir).glob("*")) - before)
