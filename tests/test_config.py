@@ -54,6 +54,19 @@ def test_unknown_key_rejected_and_named(run_config):
         RunConfig.from_run_config(raw)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", float("nan"), "'lr' must be a finite number, got nan"),
+    ("max-update-norm", float("nan"), "'max-update-norm' must be a finite number"),
+    ("round-timeout", float("inf"), "'round-timeout' must be a finite number, got inf"),
+    ("proximal-mu", float("-inf"), "'proximal-mu' must be a finite number"),
+    ("num-server-rounds", 99999999999999999999999, "'num-server-rounds' is out of range"),
+    ("seed", -(10**12), "'seed' is out of range"),
+])
+def test_non_finite_and_huge_values_are_refused(run_config, key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_run_config(run_config(**{key: value}))
+
+
 def test_misspelt_key_gets_the_closest_suggestion(run_config):
     raw = run_config()
     raw["num-server-round"] = 3

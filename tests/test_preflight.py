@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import synthetic
+import torch
 from typer.testing import CliRunner
 
 from zk0 import data
@@ -118,3 +119,14 @@ def test_broken_video_refused_by_the_real_command_within_seconds(datasets, tmp_p
     (line,) = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and BAD["broken-video"][1] in line
     print(f"broken video refused in {elapsed:.1f}s")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("server-device=cuda", "error: run-config server-device='cuda' but no CUDA GPU is visible here"),
+    ("device=cuda", "error: run-config device='cuda' but no CUDA GPU is visible here"),
+])
+def test_cuda_without_a_gpu_is_one_line(tmp_path, override, message):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, lines = simulate("-c", override, tmp_path=tmp_path)
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(message), lines

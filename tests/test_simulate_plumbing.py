@@ -63,6 +63,12 @@ def test_gpu_share_without_a_gpu(monkeypatch):
         cli.client_gpu_share(cfg(device="cuda"), 4, None)
 
 
+def test_cuda_clients_need_a_gpu_share(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(typer.Exit):
+        cli.client_gpu_share(cfg(device="cuda"), 4, 0.0)
+
+
 def test_server_builds_its_policy_on_server_device(monkeypatch, run_config, tmp_path):
     """The server's policy (evaluation, checkpoints) goes where `server-device` says, clients' where `device` says."""
     from inprocess import InProcessGrid

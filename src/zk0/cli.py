@@ -103,6 +103,7 @@ def check_setup(cfg: RunConfig, clients: int | None) -> None:
     try:
         if cfg.resume_from:
             RunFolder.existing(cfg.resume_from)
+        require_cuda(cfg, clients_here=clients is not None)
         policy_cfg = policy_config(cfg)
         for entry in registry.clients[:clients or 0]:
             preflight(entry, policy_cfg, training=True)  # embedded ones are recorded here, once, before clients start
@@ -110,6 +111,16 @@ def check_setup(cfg: RunConfig, clients: int | None) -> None:
             preflight(entry, policy_cfg, training=False)
     except (DatasetError, ModelUnavailable, ResumeError) as err:
         _fail(err)
+
+
+def require_cuda(cfg: RunConfig, clients_here: bool) -> None:
+    """``cuda`` where this machine runs it (the server; clients too in simulation) needs a visible GPU."""
+    import torch
+
+    wanted = [("server-device", cfg.server_device)] + ([("device", cfg.device)] if clients_here else [])
+    for key, value in wanted:
+        if value == "cuda" and not torch.cuda.is_available():
+            _fail(ConfigError(f"run-config {key}='cuda' but no CUDA GPU is visible here; use 'auto' or 'cpu'"))
 
 
 def registry_clients(cfg: RunConfig) -> int:
@@ -164,6 +175,8 @@ def client_gpu_share(cfg: RunConfig, num_clients: int, requested: float | None) 
     import torch
 
     gpus = torch.cuda.device_count()
+    if cfg.device == "cuda" and not gpus:
+        _fail(ConfigError("run-config device='cuda' but no CUDA GPU is visible here; use 'auto' or 'cpu'"))
     share = (min(1.0, 1.0 / num_clients) if gpus else 0.0) if requested is None else requested
     if share > 0 and not gpus:
         _fail(ConfigError(f"--client-gpus {share} but no CUDA GPU is visible; use --client-gpus 0"))

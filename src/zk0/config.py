@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -18,6 +19,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 TRANSPORT_DTYPES = ("bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 BASELINE_MODES = ("centralized", "local")
+MAX_INT = 10**9  # no count, seed or size of a run comes near this
 
 
 # Keys that may change when a run resumes: none of them changes what the run computes.
@@ -139,15 +141,24 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _coerce(key: str, raw: Any, type_name: str) -> Any:
-    """Convert a TOML value to the field's type, refusing lossy or surprising conversions."""
+    """Convert a TOML value to the field's type, refusing lossy or surprising conversions.
+
+    NaN and infinities are refused: ``max-update-norm=nan`` would silently turn a check off and
+    ``lr=nan`` would fail every client. Integers are bounded so a mistyped count cannot start a
+    run that never ends.
+    """
     if type_name == "bool":
         if isinstance(raw, bool):
             return raw
     elif type_name == "int":
         if isinstance(raw, int) and not isinstance(raw, bool):
+            if abs(raw) > MAX_INT:
+                raise ConfigError(f"run-config {key!r} is out of range: {raw} (at most {MAX_INT})")
             return raw
     elif type_name == "float":
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            if not math.isfinite(raw):
+                raise ConfigError(f"run-config {key!r} must be a finite number, got {raw}")
             return float(raw)
     elif type_name == "str":
         if isinstance(raw, str):
