@@ -137,3 +137,47 @@ def test_node_names_are_kept_private_and_merged(tmp_path):
     assert deploy.node_names(tmp_path) == {"11": "alice", "22": "bob"}
     assert (tmp_path / deploy.NODES).stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == [deploy.NODES], "no staging file is left behind"
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_server_init_keeps_the_ca_key_out_of_the_server_folder(tmp_path):
+    folder = tmp_path / "srv"
+    result = CliRunner().invoke(app, ["server", "init", str(folder), "--port", "9"])
+    assert result.exit_code == 0, result.output
+    ca_dir = tmp_path / "srv-ca"
+    assert f"CA key in {ca_dir / 'ca.key'}: move that folder offline" in result.stdout
+    assert not (folder / "ca.key").exists() and (ca_dir / "ca.key").is_file()
+    assert (folder / "ca.crt").read_bytes() == (ca_dir / "ca.crt").read_bytes()
+    assert mode(folder) == mode(ca_dir) == 0o700
+    assert mode(ca_dir / "ca.key") == mode(folder / "server.key") == 0o600
+
+
+def test_server_init_refuses_a_ca_dir_inside_the_server_folder(tmp_path):
+    result = CliRunner().invoke(app, ["server", "init", str(tmp_path / "srv"), "--ca-dir", str(tmp_path / "srv" / "ca")])
+    assert result.exit_code == 1 and "is inside the server folder" in result.stderr
+    assert not (tmp_path / "srv" / "server.json").exists()
+
+
+def test_server_start_refuses_a_folder_holding_the_ca_key(tmp_path):
+    folder = tmp_path / "srv"
+    deploy.init_server(folder, [], "127.0.0.1", deploy.free_port())
+    (tmp_path / "srv-ca" / "ca.key").rename(folder / "ca.key")  # as folders made before the CA moved out
+    result = CliRunner().invoke(app, ["server", "start", "-d", str(folder)])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "ca.key is in the SuperLink's folder" in result.stderr and "srv-ca/" in result.stderr
+    assert deploy.running_pid(folder, "superlink") is None
+
+
+def test_processes_zk0_starts_create_owner_only_files(tmp_path):
+    folder = tmp_path / "proc"
+    folder.mkdir()
+    script = "open('made-by-child', 'w').write('x')"
+    deploy.start(folder, "child", [sys.executable, "-c", script], {"PATH": "/usr/bin:/bin"})
+    made = folder / "made-by-child"
+    deadline = time.monotonic() + 120
+    while not made.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert mode(made) == 0o600

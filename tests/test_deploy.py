@@ -112,6 +112,10 @@ def test_two_nodes_with_tls_and_node_auth_run_two_rounds(federation):
     unknown = zk0("stop", "1", "-d", str(federation.server), check=False)
     assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1
     assert unknown.stderr.startswith("error: run 1 is not a run of the SuperLink")
+    server = federation.server
+    assert not (server / "ca.key").exists() and (federation.root / "server-ca" / "ca.key").is_file()
+    assert {p.name: p.stat().st_mode & 0o777 for p in (server, server / "state.db", run_dir)} == {
+        server.name: 0o700, "state.db": 0o600, run_dir.name: 0o700}, "the server's files are the operator's alone"
     builds = [line for c in federation.clients for line in (c / "logs" / "clientapp.log").read_text().splitlines()
               if "built policy and dataset" in line]
     assert len(builds) == 2, "each resident ClientApp builds its policy and data once per run"

@@ -74,15 +74,20 @@ def server_init(
         "--host", help="Name or IP robot owners dial (repeat for several); loopback is always added.")] = None,
     bind: Annotated[str, typer.Option(help="Address the SuperLink listens on (0.0.0.0: all interfaces).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="The SuperLink's port (Fleet, Control and Runtime APIs).")] = 9092,
+    ca_dir: Annotated[Path | None, typer.Option(
+        help="Where the CA's private key goes (default: FOLDER-ca beside the server folder); keep it offline.")] = None,
 ) -> None:
     """Create the federation's CA, the SuperLink's TLS certificate and the `flwr` connection `zk0`."""
+    folder = folder.resolve()
+    ca_dir = (ca_dir or deploy.default_ca_dir(folder)).resolve()
     try:
-        settings = deploy.init_server(folder.resolve(), host or [], bind, port)
+        settings = deploy.init_server(folder, host or [], bind, port, ca_dir)
     except deploy.DeployError as err:
         fail(str(err))
-    typer.echo(f"server folder {folder.resolve()}: certificate for {', '.join(settings.hosts)}; "
+    typer.echo(f"server folder {folder}: certificate for {', '.join(settings.hosts)}; "
                f"SuperLink will listen on {bind}:{port}")
-    typer.echo(f"give robot owners {folder.resolve() / 'ca.crt'} (never ca.key); next: zk0 server start -d {folder}")
+    typer.echo(f"CA key in {ca_dir / 'ca.key'}: move that folder offline (it only signs server certificates)")
+    typer.echo(f"give robot owners {folder / 'ca.crt'}; next: zk0 server start -d {folder}")
 
 
 @server_app.command("start")
@@ -97,6 +102,7 @@ def server_start(
         settings = deploy.server_settings(folder)
         if (running := deploy.running_pid(folder, "superlink")) is not None:
             fail(f"a SuperLink already runs from {folder} (PID {running}); `zk0 server stop -d {folder}` first")
+        deploy.require_no_ca_key(folder)
         if insecure:
             typer.secho("warning: --insecure: traffic is unencrypted and any SuperNode may join", fg="yellow", err=True)
             deploy.write_connection(folder / "flwr", f"127.0.0.1:{settings.port}", None)

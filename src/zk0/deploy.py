@@ -1,8 +1,8 @@
 """Deployment on Flower's Deployment Engine: certificates, node keys, SuperLink and SuperNode processes.
 
-The server operator's folder (``zk0 server init DIR``)::
+The server operator's folder (``zk0 server init DIR``), owner-only (0700)::
 
-    ca.crt  ca.key            the federation's CA (ca.key never leaves this folder)
+    ca.crt                    the federation's CA certificate (public: robot owners get it)
     server.crt  server.key    the SuperLink's TLS certificate, SANs = the hosts given at init
     server.json               bind address, port and hosts chosen at init
     flwr/config.toml          FLWR_HOME of the operator's ``flwr`` CLI: connection ``zk0``
@@ -10,6 +10,12 @@ The server operator's folder (``zk0 server init DIR``)::
     nodes.json                names given to nodes at ``zk0 server add-node``, by node id
     runs/                     run folders (``output-dir`` of ``zk0 run``)
     pids/  logs/              PID files and logs of the processes zk0 started
+
+The CA's private key goes to a separate folder (``DIR-ca/ca.key`` unless ``--ca-dir`` says
+otherwise) for the operator to keep offline: anything running in the SuperLink's folder (a
+submitted ServerApp) could otherwise read it and mint server certificates. ``zk0 server start``
+refuses a server folder that holds a ``ca.key``. Every process zk0 starts runs with umask 077,
+so what it writes (``state.db``, logs, run folders) is the owner's alone.
 
 A robot owner's folder (``zk0 client keygen DIR``) holds ``node_key`` / ``node_key.pub`` (an
 ECDSA P-384 key pair in OpenSSH format, as Flower's SuperNode authentication expects) and
@@ -140,15 +146,29 @@ class ServerSettings:
     hosts: list[str]
 
 
-def init_server(folder: Path, hosts: list[str], bind: str, port: int) -> ServerSettings:
-    """Create the CA, the SuperLink certificate and the operator's Flower connection ``zk0``."""
+def default_ca_dir(folder: Path) -> Path:
+    """Where ``zk0 server init`` puts the CA key unless told otherwise: beside the server folder, not in it."""
+    return folder.with_name(f"{folder.name}-ca")
+
+
+def init_server(folder: Path, hosts: list[str], bind: str, port: int, ca_dir: Path | None = None) -> ServerSettings:
+    """Create the CA (its key in ``ca_dir``, outside the server folder), the SuperLink certificate and the
+    operator's Flower connection ``zk0``, in an owner-only server folder."""
+    ca_dir = (ca_dir or default_ca_dir(folder)).resolve()
     if (folder / "server.json").exists():
         raise DeployError(f"{folder} is already a zk0 server folder; use another folder or remove it first")
+    if ca_dir == folder.resolve() or folder.resolve() in ca_dir.parents:
+        raise DeployError(f"--ca-dir {ca_dir} is inside the server folder; the CA key must live apart from it")
+    if (ca_dir / "ca.key").exists():
+        raise DeployError(f"{ca_dir / 'ca.key'} exists; choose another --ca-dir or remove it first")
     names = list(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))  # the operator's own CLI dials loopback
-    folder.mkdir(parents=True, exist_ok=True)
+    for path in (folder, ca_dir):
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.chmod(0o700)
     ca_key, ca_cert = make_ca()
     key, cert = make_server_cert(ca_key, ca_cert, names)
-    _write_key(folder / "ca.key", ca_key, serialization.PrivateFormat.PKCS8)
+    _write_key(ca_dir / "ca.key", ca_key, serialization.PrivateFormat.PKCS8)
+    _write_cert(ca_dir / "ca.crt", ca_cert)
     _write_cert(folder / "ca.crt", ca_cert)
     _write_key(folder / "server.key", key, serialization.PrivateFormat.PKCS8)
     _write_cert(folder / "server.crt", cert)
@@ -163,6 +183,13 @@ def server_settings(folder: Path) -> ServerSettings:
     if not path.is_file():
         raise DeployError(f"{folder} is not a zk0 server folder (no server.json); run `zk0 server init {folder}`")
     return ServerSettings(**json.loads(path.read_text()))
+
+
+def require_no_ca_key(folder: Path) -> None:
+    """Refuse a server folder that holds the CA's private key (folders made before the CA moved out)."""
+    if (folder / "ca.key").exists():
+        raise DeployError(f"{folder / 'ca.key'} is in the SuperLink's folder, where a ServerApp can read it: move it "
+                          f"to {default_ca_dir(folder)}/ and keep it offline, then start again")
 
 
 def local_host(settings: ServerSettings) -> str:
@@ -274,7 +301,7 @@ def start(folder: Path, name: str, cmd: list[str], env: dict[str, str]) -> int:
     offset = log_path.stat().st_size if log_path.exists() else 0  # this launch's lines start here
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
     program = cmd[2] if len(cmd) > 2 and cmd[1] == "-m" else Path(cmd[0]).name  # python -m zk0.resident
     record = {"pid": proc.pid, "program": program, "started": _start_time(proc.pid), "log-offset": offset}
     (folder / "pids" / f"{name}.pid").write_text(json.dumps(record) + "\n")
