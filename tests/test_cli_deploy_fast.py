@@ -6,6 +6,8 @@ The end-to-end federation is in tests/test_deploy.py.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -181,3 +183,24 @@ def test_processes_zk0_starts_create_owner_only_files(tmp_path):
     while not made.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert mode(made) == 0o600
+
+
+def test_a_dead_leaders_orphans_are_refused_then_stopped(tmp_path):
+    """A SuperLink killed with SIGKILL leaves its children (ServerApps) in its process group."""
+    folder = tmp_path / "srv"
+    deploy.init_server(folder, [], "127.0.0.1", deploy.free_port())
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); " \
+            "time.sleep(600)"
+    leader = deploy.start(folder, "superlink", [sys.executable, "-c", child], {"PATH": "/usr/bin:/bin"})
+    deadline = time.monotonic() + 120
+    while len([p for p in Path("/proc").glob("[0-9]*/stat")
+               if p.read_text().rsplit(")", 1)[1].split()[2] == str(leader)]) < 2:
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.1)
+    os.kill(leader, signal.SIGKILL)
+    deploy._group_alive(leader)  # reap the leader (our child in this test)
+    assert deploy.running_pid(folder, "superlink") is None and deploy.orphaned_group(folder, "superlink") == leader
+    refused = CliRunner().invoke(app, ["server", "start", "-d", str(folder)])
+    assert refused.exit_code == 1 and f"process group {leader}" in refused.stderr
+    assert deploy.stop(folder, "superlink", timeout=30)
+    assert not deploy._group_alive(leader) and deploy.orphaned_group(folder, "superlink") is None

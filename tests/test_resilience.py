@@ -89,6 +89,13 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(run_config, t
     assert all(torch.equal(a[n], b[n]) for n in a)
     rounds = [r["round"] for r in read_metrics(crashed / "metrics.jsonl") if r.get("dataset") == "purple-place-center"]
     assert rounds == [0, 1, 2, 3]
+    audit = read_audit(crashed)
+    flower_runs = [int(i) for i in (crashed / "flower-runs.txt").read_text().split()]
+    assert {(a["run-id"], a["attempt"]) for a in audit} == {(flower_runs[0], 1), (flower_runs[1], 2)}
+    rows = [(a["attempt"], a["round"], a["phase"], a["node"], a["direction"]) for a in audit]
+    assert len(rows) == len(set(rows)), "one row per message per attempt"
+    sent_round_3 = {a["attempt"] for a in audit if a["round"] == 3 and a["direction"] == "sent"}
+    assert sent_round_3 == {1, 2}  # round 3 began in the crashed attempt and ran again in the resumed one
 
 
 def test_resume_refuses_a_changed_config(run_config, tmp_path):

@@ -1,6 +1,8 @@
 """``audit.jsonl``: per round and node, what the server sent and what it received.
 
-One JSON object per line with ``round``, ``phase`` (query|train|evaluate), ``node``,
+One JSON object per line with the Flower ``run-id`` and the ``attempt`` that wrote it (a
+resumed run is attempt 2, 3, …: rounds a crashed attempt began appear once per attempt),
+``round``, ``phase`` (query|train|evaluate), ``node``,
 ``direction`` (sent|received|missing), the payload's SHA-256 ``digest`` and ``bytes``
 where there is a payload, and for replies ``status`` (accepted|rejected) and ``reason``.
 It answers, after the fact, which node got which weights and whose update was used.
@@ -22,14 +24,16 @@ from zk0.reasons import one_line
 class AuditLog:
     """Appends one record per message to ``<run>/audit.jsonl``."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, run_id: int = 0, attempt: int = 1) -> None:
         self.path = run_dir / "audit.jsonl"
+        self.run_id, self.attempt = run_id, attempt
 
     def _write(self, record: dict) -> None:
         if "reason" in record:  # reasons come from nodes: never a traceback or the owner's paths
             record = {**record, "reason": one_line(record["reason"])}
         with self.path.open("a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            f.write(json.dumps({"time": round(time.time(), 3), "run-id": self.run_id, "attempt": self.attempt,
+                                **record}) + "\n")
 
     def sent(self, server_round: int, phase: str, message: Message) -> None:
         """A message to a node, with the digest and size of its arrays (if any)."""

@@ -53,10 +53,15 @@ class RunFolder:
                               "start a new run instead")
         return cls(root)
 
-    def add_flower_run(self, run_id: int) -> None:
-        """Record which Flower runs wrote here (a resumed run has a new id): `zk0 status` maps them."""
-        with (self.root / "flower-runs.txt").open("a") as f:
+    def add_flower_run(self, run_id: int) -> int:
+        """Record which Flower runs wrote here (a resumed run has a new id): `zk0 status` maps them.
+
+        Returns the attempt number: 1 for the run that created the folder, 2 for its first resume, …
+        """
+        path = self.root / "flower-runs.txt"
+        with path.open("a") as f:
             f.write(f"{run_id}\n")
+        return len(path.read_text().split())
 
     def checkpoint(self, server_round: int) -> Path:
         return self.root / "checkpoints" / f"round_{server_round}"

@@ -26,6 +26,7 @@ ServerDir = Annotated[Path, typer.Option("--dir", "-d", help="The server folder 
 ClientDir = Annotated[Path, typer.Option("--dir", "-d", help="This node's folder (key, PID files, logs).")]
 DEFAULT_SERVER, DEFAULT_CLIENT = Path("zk0-server"), Path("zk0-client")
 FINISHED = "finished"
+FLWR_TIMEOUT = 600.0  # a `flwr` call: `flwr --version` alone took 26 s on a loaded 2-core machine
 UNKNOWN_RUN = "Run ID not found"  # Flower 1.42's reasons: a run id the SuperLink does not have,
 KNOWN_KEY = "Public key already in use"  # a node key registered before
 
@@ -45,14 +46,18 @@ def superlink(folder: Path) -> Path:
     return folder
 
 
-def flwr(folder: Path, *args: str, timeout: float = 120, known: dict[str, str] | None = None) -> dict:
+def flwr(folder: Path, *args: str, timeout: float = FLWR_TIMEOUT, known: dict[str, str] | None = None) -> dict:
     """Run ``flwr ARGS --format json`` against the server folder's connection; its JSON reply.
 
     A failure ends the command with Flower's reason (the last line of its message), or with the line
-    ``known`` gives for a reason containing one of its keys.
+    ``known`` gives for a reason containing one of its keys; a ``flwr`` that does not answer within
+    ``timeout`` ends it with one line too.
     """
-    proc = subprocess.run([str(deploy.BIN / "flwr"), *args, "--format", "json"], env=deploy.flower_env(folder / "flwr"),
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([str(deploy.BIN / "flwr"), *args, "--format", "json"],
+                              env=deploy.flower_env(folder / "flwr"), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        fail(f"flwr {args[0]} did not answer within {timeout:.0f}s (is the machine overloaded?); try again")
     try:
         reply = json.loads(proc.stdout[proc.stdout.find("{"):])
     except json.JSONDecodeError:
@@ -102,6 +107,9 @@ def server_start(
         settings = deploy.server_settings(folder)
         if (running := deploy.running_pid(folder, "superlink")) is not None:
             fail(f"a SuperLink already runs from {folder} (PID {running}); `zk0 server stop -d {folder}` first")
+        if (group := deploy.orphaned_group(folder, "superlink")) is not None:
+            fail(f"processes of a SuperLink that died still run (process group {group}, e.g. a ServerApp): "
+                 f"`zk0 server stop -d {folder}` ends them")
         deploy.require_no_ca_key(folder)
         if insecure:
             typer.secho("warning: --insecure: traffic is unencrypted and any SuperNode may join", fg="yellow", err=True)

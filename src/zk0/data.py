@@ -17,7 +17,7 @@ from pathlib import Path
 import av.logging
 import numpy as np
 import torch
-from lerobot.datasets.compute_stats import aggregate_stats, get_feature_stats
+from lerobot.datasets.compute_stats import DEFAULT_QUANTILES, aggregate_stats, get_feature_stats
 from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 from lerobot.datasets.utils import CompatibilityError
 from lerobot.datasets.video_utils import decode_video_frames
@@ -29,6 +29,9 @@ from zk0.registry import DatasetEntry
 
 STATE, ACTION = "observation.state", "action"
 EMBEDDED_EPISODES, EMBEDDED_VERSION = 10, 1  # expert demonstrations per embedded task
+STAT_NAMES = frozenset({"min", "max", "mean", "std", "count"})
+QUANTILES = frozenset(f"q{int(q * 100):02d}" for q in DEFAULT_QUANTILES)  # what LeRobot adds to STAT_NAMES
+STATS_WEIGHT_CAP = 4  # in pooling, no client's frames count more than this many times the median client's
 
 
 class DatasetError(RuntimeError):
@@ -245,6 +248,86 @@ def pool_stats(encoded: list[str]) -> str:
     """Federation-wide stats from each client's (count-weighted, as LeRobot aggregates datasets)."""
     stats = [{k: {s: np.asarray(v) for s, v in d.items()} for k, d in json.loads(t).items()} for t in encoded]
     return encode_stats(aggregate_stats(stats))
+
+
+def feature_sizes(policy_cfg: SmolVLAConfig) -> dict[str, int]:
+    """Vector lengths of state and action the policy expects: every client's stats must have them."""
+    return {STATE: policy_cfg.input_features[STATE].shape[0], ACTION: policy_cfg.output_features[ACTION].shape[0]}
+
+
+def parse_stats(text: str, frames: int, sizes: dict[str, int]) -> dict[str, dict[str, np.ndarray]]:
+    """A client's reported stats, once plausible for ``frames`` frames; a ``ValueError`` names what is not.
+
+    They come from an untrusted node and shape everyone's normalisation: NaN, a negative std or a
+    vector of the wrong length would break every client, so each is refused before pooling.
+    """
+    try:
+        stats = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not JSON ({err})") from None
+    if not isinstance(stats, dict) or set(stats) != set(sizes):
+        raise ValueError(f"must have exactly the keys {sorted(sizes)}")
+    return {key: _plausible(key, stats[key], frames, sizes[key]) for key in sorted(sizes)}
+
+
+def _plausible(key: str, reported: object, frames: int, size: int) -> dict[str, np.ndarray]:
+    """One feature's stats as arrays: finite vectors of ``size`` with min <= mean <= max and std >= 0.
+
+    Quantiles are checked as finite vectors only: LeRobot estimates them from histograms, a hair
+    outside [min, max] at times.
+    """
+    names = set(reported) if isinstance(reported, dict) else set()
+    if not STAT_NAMES <= names <= STAT_NAMES | QUANTILES:
+        raise ValueError(f"{key} needs min/max/mean/std/count and at most LeRobot's quantiles")
+    try:
+        stats = {name: np.asarray(reported[name], dtype=np.float64) for name in sorted(names)}
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} stats must be lists of numbers") from None
+    if not all(np.isfinite(value).all() for value in stats.values()):
+        raise ValueError(f"{key} stats must be finite")
+    if any(stats[name].shape != (size,) for name in names - {"count"}):
+        raise ValueError(f"{key} stats must be vectors of length {size}")
+    count = stats["count"]
+    if count.shape != (1,) or not count[0].is_integer() or not 1 <= count[0] <= frames:
+        raise ValueError(f"{key} count must be one whole number in 1..{frames} (the frames claimed)")
+    if (stats["std"] < 0).any():
+        raise ValueError(f"{key} std must not be negative")
+    if not ((stats["min"] <= stats["mean"]).all() and (stats["mean"] <= stats["max"]).all()):
+        raise ValueError(f"{key} needs min <= mean <= max")
+    return stats | {"count": count.astype(np.int64)}
+
+
+def pool_reports(reports: list[dict[str, dict[str, np.ndarray]]]) -> str:
+    """Federation-wide stats from plausible client reports (:func:`parse_stats`), each weight capped.
+
+    LeRobot weights each report by its frame count, which a node states itself: any count up to
+    the frames it claims passes. So a weight is ``min(count, STATS_WEIGHT_CAP x median count)``
+    (the lower median: with two clients the smaller one), which keeps honest federations of similar
+    datasets count-weighted, as LeRobot pools datasets, and bounds a lying or huge client to a few
+    median clients' worth. Same reports in the same order, same bits.
+    """
+    capped = [{key: stats | {"count": np.minimum(stats["count"], _weight_cap(reports, key))}
+               for key, stats in report.items()} for report in reports]
+    return encode_stats(aggregate_stats(capped))
+
+
+def _weight_cap(reports: list[dict[str, dict[str, np.ndarray]]], key: str) -> int:
+    counts = sorted(int(report[key]["count"][0]) for report in reports)
+    return STATS_WEIGHT_CAP * counts[(len(counts) - 1) // 2]
+
+
+def outliers(reports: list[dict[str, dict[str, np.ndarray]]]) -> list[int]:
+    """Indices of reports with a mean farther outside the others' [min, max] than that range is wide.
+
+    Different tasks move the joints differently, so only a mean beyond every other client's data
+    by a whole range is suspicious; it is for a warning, not a rejection.
+    """
+    def far_out(i: int, key: str) -> bool:
+        others = [r[key] for j, r in enumerate(reports) if j != i]
+        low, high = np.min([o["min"] for o in others], axis=0), np.max([o["max"] for o in others], axis=0)
+        mean, span = reports[i][key]["mean"], high - low
+        return bool(((mean < low - span) | (mean > high + span)).any())
+    return [i for i, report in enumerate(reports) if len(reports) > 1 and any(far_out(i, key) for key in report)]
 
 
 def open_full(entry: DatasetEntry, policy_cfg: SmolVLAConfig) -> tuple[DatasetEntry, LeRobotDataset]:

@@ -338,18 +338,47 @@ def running_pid(folder: Path, name: str) -> int | None:
 
 
 def stop(folder: Path, name: str, timeout: float = 30.0) -> bool:
-    """SIGTERM the process group of ``name`` (SIGKILL after ``timeout``); False if it was not running."""
+    """SIGTERM the process group of ``name`` (SIGKILL after ``timeout``); False if nothing of it was running.
+
+    The group goes too when its leader is already dead: a SuperLink killed with SIGKILL leaves its
+    ``flwr-serverapp`` children running, orphaned, in the group it started.
+    """
     pid = running_pid(folder, name)
+    group = pid if pid is not None else orphaned_group(folder, name)
     (folder / "pids" / f"{name}.pid").unlink(missing_ok=True)
-    if pid is None:
+    if group is None:
         return False
-    _signal_group(pid, signal.SIGTERM)
+    _signal_group(group, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while _group_alive(group) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(pid):
-        _signal_group(pid, signal.SIGKILL)
+    if _group_alive(group):
+        _signal_group(group, signal.SIGKILL)
     return True
+
+
+def orphaned_group(folder: Path, name: str) -> int | None:
+    """The process group ``name`` was started in, when its leader is gone but some of the group still runs."""
+    record = _record(folder, name)
+    if record is None or running_pid(folder, name) is not None or not _group_alive(record["pid"]):
+        return None
+    return record["pid"]
+
+
+def _group_alive(group: int) -> bool:
+    """Whether any process of the group still runs (zombies aside)."""
+    try:
+        os.waitpid(group, os.WNOHANG)  # reap the leader if it is our child
+    except ChildProcessError:
+        pass
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -357,18 +386,6 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)  # started with start_new_session: its group id is its PID
     except ProcessLookupError:
         pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
-    except ChildProcessError:
-        pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def wait_listening(folder: Path, name: str, host: str, port: int, timeout: float) -> None:

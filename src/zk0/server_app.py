@@ -15,17 +15,17 @@ from lerobot.policies.factory import make_pre_post_processors
 from zk0.audit import AuditLog
 from zk0.checkpoint import RunFolder, ServerState, model_card, save_checkpoint
 from zk0.config import RunConfig
-from zk0.data import decode_stats, open_full, pool_stats
+from zk0.data import decode_stats, feature_sizes, open_full, outliers, pool_reports
 from zk0.evaluate import evaluate_dataset
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
-from zk0.reasons import one_line
 from zk0.registry import Registry, load_registry
 from zk0.report import progress_line, summary_table
 from zk0.sim.policy_eval import evaluate_in_sim, policy_image_size, simulator_tasks
-from zk0.strategy import RoundFailed, SmolVLAStrategy
+from zk0.strategy import Event, RoundFailed, SmolVLAStrategy, checked_query, screen, sender
 from zk0.tracking import Tracker, write_charts
 
 app = ServerApp()
+MIN_STATS_CONTRIBUTORS = 3  # fewer (but two or more) and pooled stats let each client infer the others'
 
 
 @app.main()
@@ -36,9 +36,9 @@ def main(grid: Grid, context: Context) -> None:
     simulator_tasks(cfg, registry)  # a config that cannot work fails before any work
     policy = build_policy(cfg, cfg.server_device)
     fingerprint = base_fingerprint(policy)
-    run, state = open_run(cfg, registry, fingerprint, context.run_id)
+    run, state, attempt = open_run(cfg, registry, fingerprint, context.run_id)
     tracker = Tracker(run.root, cfg, resume_after=state.server_round if state else None)
-    audit = AuditLog(run.root)
+    audit = AuditLog(run.root, context.run_id, attempt)
     try:
         if state:
             random.setstate(state.python_rng)
@@ -46,7 +46,8 @@ def main(grid: Grid, context: Context) -> None:
             master, norm_stats, first = state.master, state.norm_stats, state.server_round + 1
         else:
             random.seed(cfg.seed)  # Flower samples nodes with the random module
-            master, norm_stats, first = trainable_state(policy), gather_norm_stats(grid, cfg, audit), 0
+            norm_stats = gather_norm_stats(grid, cfg, audit, feature_sizes(policy.config), tracker.log)
+            master, first = trainable_state(policy), 0
         strategy = SmolVLAStrategy(cfg, master, fingerprint, norm_stats, tracker.log, audit)
         round_end = RoundEnd(cfg, registry, run, policy, strategy, tracker)
         run_rounds(grid, cfg, strategy, round_end, first)
@@ -58,8 +59,9 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "zk0 run folder: %s", run.root)
 
 
-def open_run(cfg: RunConfig, registry: Registry, fingerprint: str, run_id: int) -> tuple[RunFolder, ServerState | None]:
-    """A new run folder, or the one named by ``resume-from`` with its saved server state."""
+def open_run(cfg: RunConfig, registry: Registry, fingerprint: str,
+             run_id: int) -> tuple[RunFolder, ServerState | None, int]:
+    """A new run folder, or the one named by ``resume-from`` with its saved server state; and the attempt."""
     state = None
     if cfg.resume_from:
         run = RunFolder.existing(cfg.resume_from)
@@ -69,8 +71,7 @@ def open_run(cfg: RunConfig, registry: Registry, fingerprint: str, run_id: int) 
         run = RunFolder.create(cfg.output_dir, cfg.strategy, run_id)
         run.write_config(cfg, registry, fingerprint)
         log(INFO, "zk0 run folder: %s", run.root)
-    run.add_flower_run(run_id)
-    return run, state
+    return run, state, run.add_flower_run(run_id)
 
 
 def run_rounds(grid: Grid, cfg: RunConfig, strategy: SmolVLAStrategy, round_end: RoundEnd, first: int) -> None:
@@ -129,8 +130,15 @@ def send(grid: Grid, cfg: RunConfig, server_round: int, phase: str, messages: li
     return replies
 
 
-def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog) -> str:
-    """Ask every client for its training-episode stats and pool them (one shared normalisation)."""
+def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog, sizes: dict[str, int], on_event: Event) -> str:
+    """Ask every client for its training-episode stats and pool the plausible ones (one shared normalisation).
+
+    Every field of a reply is untrusted: :func:`zk0.strategy.checked_query` rejects one that is
+    malformed or implausible and the run goes on with the others (at least ``min-train-nodes``);
+    pooling caps each client's weight (:func:`zk0.data.pool_reports`). Pooled stats of two clients
+    reveal each one's stats to the other (subtract your own): with fewer than
+    ``MIN_STATS_CONTRIBUTORS`` that is warned about, not refused, so small demos and tests still run.
+    """
     deadline = time.monotonic() + cfg.round_timeout
     needed = max(cfg.min_train_nodes, 1)
     while len(nodes := list(grid.get_node_ids())) < needed:
@@ -141,20 +149,22 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog) -> str:
                 for n in nodes]
     for message in messages:
         audit.sent(0, "query", message)
-    reported = []
-    for reply in send(grid, cfg, 0, "query", messages, audit):
-        if reply.has_error():
-            log(WARNING, "node %s could not report dataset stats: %s", reply.metadata.src_node_id,
-                one_line(reply.error.reason))
-            audit.received(0, "query", reply, accepted=False, reason=reply.error.reason)
-        else:
-            reported.append(reply)
-            audit.received(0, "query", reply, accepted=True)
+    replies = send(grid, cfg, 0, "query", messages, audit)
+    reported = screen(0, "query", replies, lambda reply: checked_query(reply, sizes), audit, on_event)
     if len(reported) < needed:
-        raise RoundFailed(f"{len(reported)} of {len(nodes)} clients reported dataset stats; need {needed}")
-    reported.sort(key=lambda r: (int(r.content["stats"]["partition-id"]), str(r.content["stats"]["dataset"]),
-                                 r.metadata.src_node_id))  # a fixed pooling order: same stats, same bits
-    return pool_stats([str(r.content["stats"]["norm-stats"]) for r in reported])
+        raise RoundFailed(f"{len(reported)} of {len(nodes)} clients reported plausible dataset stats; need {needed}")
+    reported.sort(key=lambda item: sender(item[0], "stats"))  # a fixed pooling order: same stats, same bits
+    warn_about_stats([reply.metadata.src_node_id for reply, _ in reported], [stats for _, stats in reported])
+    return pool_reports([stats for _, stats in reported])
+
+
+def warn_about_stats(nodes: list[int], reports: list[dict]) -> None:
+    """Warn about outlying clients' stats and about pooled stats that reveal the other clients'."""
+    for i in outliers(reports):
+        log(WARNING, "node %s reported a state or action mean far outside every other client's range", nodes[i])
+    if 1 < len(reports) < MIN_STATS_CONTRIBUTORS:
+        log(WARNING, "only %d clients contributed dataset stats (fewer than %d): the pooled stats let each "
+            "client infer the others'", len(reports), MIN_STATS_CONTRIBUTORS)
 
 
 class RoundEnd:

@@ -12,7 +12,9 @@ Extends Flower's ``FedAvg`` where the earlier design fell short:
   round goes on with the others, unless fewer than ``min-train-nodes`` remain;
 * nothing a node sends is trusted: a reply with a missing or malformed field, or a
   ``num-examples`` weight that is not a whole number of frames its steps could have used,
-  is rejected the same way, and every reason is stored as one short line.
+  is rejected the same way, as is a reply for another round (a replay), and every reason is
+  stored as one short line; the query phase's dataset statistics are checked as strictly
+  (:func:`checked_query`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from zk0 import transport
 from zk0.audit import AuditLog
 from zk0.config import RunConfig
+from zk0.data import parse_stats
 from zk0.reasons import error_reason, one_line
 
 Event = Callable[[dict], None]
+MAX_NODE_FRAMES = 10_000_000  # bounds a query reply's num-examples: the server cannot know a node's dataset size
 
 
 def round_lr(cfg: RunConfig, server_round: int) -> float:
@@ -113,12 +117,13 @@ class SmolVLAStrategy(FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Verify each update, then apply their fp32 weighted mean to the global tensors."""
-        accepted = self._screen(server_round, "train", "client", replies, self._verified_update)
+        accepted = self._screen(server_round, "train", "client", replies,
+                                lambda reply: self._verified_update(reply, server_round))
         if len(accepted) < max(1, self.cfg.min_train_nodes):
             raise RoundFailed(f"round {server_round}: {len(accepted)} valid update(s), fewer than "
                               f"min-train-nodes={self.cfg.min_train_nodes}; stopping rather than "
                               "aggregating too few clients")
-        accepted.sort(key=lambda item: _sender(item[0]))  # a fixed summation order: same inputs, same bits
+        accepted.sort(key=lambda item: sender(item[0], "payload"))  # a fixed summation order: same inputs, same bits
         total = sum(weight for _, (_, weight) in accepted)
         for name in self.master:
             self.master[name] += sum(update[name] * (weight / total) for _, (update, weight) in accepted)
@@ -126,21 +131,15 @@ class SmolVLAStrategy(FedAvg):
 
     def _screen[T](self, server_round: int, phase: str, source: str, replies: Iterable[Message],
                    check: Callable[[Message], T]) -> list[tuple[Message, T]]:
-        """Replies that pass ``check``, with what it returned; each other one is rejected and the round goes on."""
-        passed = []
-        for reply in replies:
-            try:
-                passed.append((reply, check(reply)))
-            except (KeyError, TypeError, ValueError) as err:  # a PayloadError is a ValueError
-                self._reject(server_round, phase, reply, _failure(err))
-                continue
-            self.audit.received(server_round, phase, reply, accepted=True)
+        """:func:`screen`, logging each passed reply's metrics as ``source``."""
+        passed = screen(server_round, phase, replies, check, self.audit, self.on_event)
+        for reply, _ in passed:
             self._client_event(server_round, source, reply)
         return passed
 
-    def _verified_update(self, reply: Message) -> tuple[dict[str, torch.Tensor], int]:
+    def _verified_update(self, reply: Message, server_round: int) -> tuple[dict[str, torch.Tensor], int]:
         """A train reply's update and its weight, once every field the server uses has been checked."""
-        weight = checked_reply(reply, self.cfg.local_steps * self.cfg.batch_size)
+        weight = checked_reply(reply, self.cfg.local_steps * self.cfg.batch_size, server_round)
         arrays, meta = reply.content.array_records["arrays"], reply.content.config_records["payload"]
         if meta["base-fingerprint"] != self.fingerprint:
             raise transport.PayloadError("frozen-base fingerprint differs from the server's")
@@ -156,13 +155,6 @@ class SmolVLAStrategy(FedAvg):
             raise transport.PayloadError(f"update norm {norm:.3g} exceeds max-update-norm={self.cfg.max_update_norm}")
         return update, weight
 
-    def _reject(self, server_round: int, phase: str, reply: Message, reason: str) -> None:
-        node, reason = reply.metadata.src_node_id, one_line(reason)
-        log(WARNING, "round %d: rejected %s reply from node %s: %s", server_round, phase, node, reason)
-        self.audit.received(server_round, phase, reply, accepted=False, reason=reason)
-        self.on_event({"round": server_round, "source": "server", "event": "rejected-update",
-                       "phase": phase, "node": node, "reason": reason})
-
     def _client_event(self, server_round: int, source: str, reply: Message) -> None:
         about = reply.content["payload"]
         base = {"base": str(about["base-fingerprint"])[:16]} if "base-fingerprint" in about else {}
@@ -173,25 +165,74 @@ class SmolVLAStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Log each client's held-out metrics, then their weighted mean."""
         limit = self.cfg.eval_batches * self.cfg.batch_size
-        valid = self._screen(server_round, "evaluate", "client-eval", replies, lambda r: checked_reply(r, limit))
+        valid = self._screen(server_round, "evaluate", "client-eval", replies,
+                             lambda reply: checked_reply(reply, limit, server_round))
         return _mean_metrics([reply for reply, _ in valid]) if valid else None
 
 
-def checked_reply(reply: Message, max_examples: int) -> int:
-    """Check the fields the server reads from any reply; return its ``num-examples`` weight.
+def screen[T](server_round: int, phase: str, replies: Iterable[Message], check: Callable[[Message], T],
+              audit: AuditLog, on_event: Event) -> list[tuple[Message, T]]:
+    """Replies that pass ``check``, with what it returned; each other one is rejected and the round goes on."""
+    passed = []
+    for reply in replies:
+        try:
+            passed.append((reply, check(reply)))
+        except (KeyError, TypeError, ValueError) as err:  # a PayloadError is a ValueError
+            reject(server_round, phase, reply, _failure(err), audit, on_event)
+            continue
+        audit.received(server_round, phase, reply, accepted=True)
+    return passed
+
+
+def reject(server_round: int, phase: str, reply: Message, reason: str, audit: AuditLog, on_event: Event) -> None:
+    """Log, audit and report a refused reply, with its reason as one line."""
+    node, reason = reply.metadata.src_node_id, one_line(reason)
+    log(WARNING, "round %d: rejected %s reply from node %s: %s", server_round, phase, node, reason)
+    audit.received(server_round, phase, reply, accepted=False, reason=reason)
+    on_event({"round": server_round, "source": "server", "event": "rejected-update", "phase": phase, "node": node,
+              "reason": reason})
+
+
+def checked_reply(reply: Message, max_examples: int, server_round: int) -> int:
+    """Check the fields the server reads from a train or evaluate reply; return its ``num-examples`` weight.
 
     Nodes are not trusted: a missing field must cost that reply, not the round, and who sent
-    it must be readable before replies are put in their fixed summation order.
+    it must be readable before replies are put in their fixed summation order. A reply echoing
+    another round is a replay (or a confused node): its update was made from other weights.
     """
-    if reply.has_error():
-        raise transport.PayloadError(f"client error: {one_line(reply.error.reason)}")
-    about = reply.content.config_records["payload"]
-    if not _whole(about["partition-id"]) or not isinstance(about["dataset"], str):
-        raise transport.PayloadError("payload needs a whole-number partition-id and a dataset name")
+    about = _about(reply, "payload")
+    if about["server-round"] != server_round:
+        raise transport.PayloadError(f"reply for round {about['server-round']} in round {server_round}")
     metrics = reply.content.metric_records["metrics"]
     if any(isinstance(value, list) for value in metrics.values()):
         raise transport.PayloadError("metrics must be single numbers")
     return num_examples(metrics, max_examples)
+
+
+def checked_query(reply: Message, sizes: dict[str, int]) -> dict[str, dict]:
+    """A query reply's training-episode stats, once plausible for the frames it claims (:func:`parse_stats`).
+
+    Its ``num-examples`` bounds the stats' count; the server cannot know a node's dataset size, so
+    that claim is only bounded by ``MAX_NODE_FRAMES``, and pooling caps its weight further.
+    """
+    about = _about(reply, "stats")
+    frames = num_examples(reply.content.metric_records["metrics"], MAX_NODE_FRAMES)
+    if not isinstance(about["norm-stats"], str):
+        raise transport.PayloadError("norm-stats must be a JSON string")
+    try:
+        return parse_stats(about["norm-stats"], frames, sizes)
+    except ValueError as err:
+        raise transport.PayloadError(f"implausible norm-stats: {err}") from None
+
+
+def _about(reply: Message, record: str) -> ConfigRecord:
+    """The reply's ``record`` naming its sender, once its partition-id and dataset are readable."""
+    if reply.has_error():
+        raise transport.PayloadError(f"client error: {one_line(reply.error.reason)}")
+    about = reply.content.config_records[record]
+    if not _whole(about["partition-id"]) or not isinstance(about["dataset"], str):
+        raise transport.PayloadError(f"{record} needs a whole-number partition-id and a dataset name")
+    return about
 
 
 def num_examples(metrics: MetricRecord, limit: int) -> int:
@@ -222,7 +263,7 @@ def _mean_metrics(replies: list[Message]) -> MetricRecord:
     return aggregate_metricrecords([RecordDict({"metrics": r.content["metrics"]}) for r in replies], "num-examples")
 
 
-def _sender(reply: Message) -> tuple[int, str, int]:
-    """Order replies by partition, dataset and node, whatever order they arrived in."""
-    about = reply.content["payload"]
+def sender(reply: Message, record: str) -> tuple[int, str, int]:
+    """Order replies by partition, dataset (in ``record``) and node, whatever order they arrived in."""
+    about = reply.content[record]
     return int(about["partition-id"]), str(about["dataset"]), reply.metadata.src_node_id
