@@ -185,6 +185,18 @@ def test_processes_zk0_starts_create_owner_only_files(tmp_path):
     assert mode(made) == 0o600
 
 
+def group_members(group: int) -> list[int]:
+    """PIDs in process group ``group`` (processes that exit while we look are skipped)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[2] == str(group):
+                members.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return members
+
+
 def test_a_dead_leaders_orphans_are_refused_then_stopped(tmp_path):
     """A SuperLink killed with SIGKILL leaves its children (ServerApps) in its process group."""
     folder = tmp_path / "srv"
@@ -193,8 +205,7 @@ def test_a_dead_leaders_orphans_are_refused_then_stopped(tmp_path):
             "time.sleep(600)"
     leader = deploy.start(folder, "superlink", [sys.executable, "-c", child], {"PATH": "/usr/bin:/bin"})
     deadline = time.monotonic() + 120
-    while len([p for p in Path("/proc").glob("[0-9]*/stat")
-               if p.read_text().rsplit(")", 1)[1].split()[2] == str(leader)]) < 2:
+    while len(group_members(leader)) < 2:
         assert time.monotonic() < deadline, "the child never started"
         time.sleep(0.1)
     os.kill(leader, signal.SIGKILL)
