@@ -20,6 +20,7 @@ from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
 from zk0 import so101, tiny
+from zk0.checkpoint import load_config
 from zk0.config import RunConfig
 
 TINY = "tiny"
@@ -82,10 +83,8 @@ def policy_config(cfg: RunConfig) -> SmolVLAConfig:
     if cfg.model_name in LOCAL_MODELS:
         return local_config(cfg.model_name, cfg.chunk_size, "cpu")
     require_model(cfg.model_name)
-    from lerobot.configs.policies import PreTrainedConfig
-
     try:
-        config = PreTrainedConfig.from_pretrained(cfg.model_name)
+        config = load_config(cfg.model_name)
     except Exception as err:  # draccus, json, hub and filesystem errors all mean the same here
         raise ModelUnavailable(f"model {cfg.model_name!r}: its config.json could not be read "
                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
@@ -110,8 +109,6 @@ def _load_pretrained(name: str, device: torch.device) -> SmolVLAPolicy:
 
     A zk0 checkpoint folder carries its local VLM; its config points there (see ``load_config``).
     """
-    from zk0.checkpoint import load_config
-
     require_model(name)
     try:
         config = load_config(name)
