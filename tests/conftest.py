@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-FAST = {"local-steps": 2, "batch-size": 4, "eval-batches": 1}
+FAST = {"local-steps": 2, "batch-size": 4, "eval-batches": 1, "min-stats-clients": 1}  # small federations
 
 
 @pytest.fixture

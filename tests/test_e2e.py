@@ -65,7 +65,7 @@ def superlink(tmp_path):
 
 def test_flwr_run_simulation(superlink, tmp_path):
     out = tmp_path / "outputs"
-    run_config = f"num-server-rounds=2 local-steps=2 batch-size=4 eval-batches=1 output-dir='{out}'"
+    run_config = f"num-server-rounds=2 local-steps=2 batch-size=4 eval-batches=1 min-stats-clients=2 output-dir='{out}'"
     subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "e2e", "--stream", "--federation-config", "num-supernodes=2",
                     "--run-config", run_config], env=superlink, check=True, timeout=600,
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

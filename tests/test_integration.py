@@ -169,6 +169,24 @@ def test_too_few_valid_updates_fail_the_round_loudly(run_config):
         run_federation(config, intercept=corrupt_all)
 
 
+def drop_stats_of(node: int):
+    """Intercept: ``node``'s dataset-stats reply is lost."""
+    def intercept(reply: Message) -> Message | None:
+        lost = reply.metadata.src_node_id == node and reply.metadata.message_type == MessageType.QUERY
+        return None if lost else reply
+    return intercept
+
+
+def test_pooled_stats_need_min_stats_clients_contributors(run_config):
+    """Two clients' pooled stats reveal each one's to the other: refused by default, before anything is shared."""
+    config = run_config(num_server_rounds=1, min_stats_clients=3, round_timeout=5)
+    with pytest.raises(RoundFailed, match="min-stats-clients=3"):
+        run_federation(config, num_nodes=2)
+    config = run_config(num_server_rounds=1, min_stats_clients=3)
+    with pytest.raises(RoundFailed, match="2 of 3 clients reported plausible dataset stats, below min-stats-clients=3"):
+        run_federation(config, num_nodes=3, intercept=drop_stats_of(103))
+
+
 def test_same_seed_same_result(run_config, tmp_path):
     """Two runs with the same seeds end with identical global weights."""
     finals = []

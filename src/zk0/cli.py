@@ -153,9 +153,10 @@ def simulate(
         overrides["output-dir"] = str(output.expanduser().resolve())
     overrides, cfg = settle_config(overrides, resume)
     n = num_clients or registry_clients(cfg)
-    if n < max(cfg.min_train_nodes, cfg.min_evaluate_nodes, 1):
+    if n < max(cfg.min_train_nodes, cfg.min_evaluate_nodes, cfg.min_stats_clients, 1):
         _fail(ConfigError(f"--num-clients {n} is below min-train-nodes={cfg.min_train_nodes} / min-evaluate-nodes="
-                          f"{cfg.min_evaluate_nodes}: the server would wait for clients that never come"))
+                          f"{cfg.min_evaluate_nodes} / min-stats-clients={cfg.min_stats_clients}: the server would "
+                          f"wait for clients that never come"))
     if client_cpus <= 0 or (client_gpus is not None and client_gpus < 0):
         _fail(ConfigError("--client-cpus must be > 0 and --client-gpus >= 0"))
     resources = {"num_cpus": client_cpus, "num_gpus": client_gpu_share(cfg, n, client_gpus)}

@@ -54,6 +54,7 @@ class RunConfig:
     min_train_nodes: int = 2
     fraction_evaluate: float = 1.0
     min_evaluate_nodes: int = 2
+    min_stats_clients: int = 3
     round_timeout: float = 3600.0
     max_update_norm: float = 1000.0
     eval_every: int = 1
@@ -117,7 +118,7 @@ class RunConfig:
         _choice("device", self.device, DEVICES)
         _choice("server-device", self.server_device, DEVICES)
         for key in ("num-server-rounds", "local-steps", "batch-size", "chunk-size", "eval-every",
-                    "eval-batches", "checkpoint-interval", "sim-eval-episodes"):
+                    "eval-batches", "checkpoint-interval", "sim-eval-episodes", "min-stats-clients"):
             if getattr(self, key.replace("-", "_")) < 1:
                 raise ConfigError(f"run-config {key!r} must be >= 1, got {getattr(self, key.replace('-', '_'))}")
         for key in ("proximal-mu", "lr", "grad-clip-norm", "warmup-rounds", "min-train-nodes",

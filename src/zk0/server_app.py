@@ -25,7 +25,6 @@ from zk0.strategy import Event, RoundFailed, SmolVLAStrategy, checked_query, scr
 from zk0.tracking import Tracker, write_charts
 
 app = ServerApp()
-MIN_STATS_CONTRIBUTORS = 3  # fewer (but two or more) and pooled stats let each client infer the others'
 
 
 @app.main()
@@ -136,14 +135,16 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog, sizes: dict[s
     Every field of a reply is untrusted: :func:`zk0.strategy.checked_query` rejects one that is
     malformed or implausible and the run goes on with the others (at least ``min-train-nodes``);
     pooling caps each client's weight (:func:`zk0.data.pool_reports`). Pooled stats of two clients
-    reveal each one's stats to the other (subtract your own): with fewer than
-    ``MIN_STATS_CONTRIBUTORS`` that is warned about, not refused, so small demos and tests still run.
+    reveal each one's stats to the other (subtract your own), so fewer than ``min-stats-clients``
+    contributors (default 3) fail the run before anything is shared; an operator whose two owners
+    accept that lowers it to 2, and the log says what it allows.
     """
     deadline = time.monotonic() + cfg.round_timeout
-    needed = max(cfg.min_train_nodes, 1)
+    needed = max(cfg.min_train_nodes, cfg.min_stats_clients, 1)
     while len(nodes := list(grid.get_node_ids())) < needed:
         if time.monotonic() > deadline:
-            raise RoundFailed(f"only {len(nodes)} node(s) connected after {cfg.round_timeout:.0f}s; need {needed}")
+            raise RoundFailed(f"only {len(nodes)} node(s) connected after {cfg.round_timeout:.0f}s; need {needed} "
+                              f"(min-train-nodes={cfg.min_train_nodes}, min-stats-clients={cfg.min_stats_clients})")
         time.sleep(1)
     messages = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
                 for n in nodes]
@@ -151,6 +152,10 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog, sizes: dict[s
         audit.sent(0, "query", message)
     replies = send(grid, cfg, 0, "query", messages, audit)
     reported = screen(0, "query", replies, lambda reply: checked_query(reply, sizes), audit, on_event)
+    if len(reported) < cfg.min_stats_clients:
+        raise RoundFailed(f"{len(reported)} of {len(nodes)} clients reported plausible dataset stats, below "
+                          f"min-stats-clients={cfg.min_stats_clients}: pooled stats of fewer let each client infer "
+                          f"the others'; connect more nodes (or lower it if every owner accepts that)")
     if len(reported) < needed:
         raise RoundFailed(f"{len(reported)} of {len(nodes)} clients reported plausible dataset stats; need {needed}")
     reported.sort(key=lambda item: sender(item[0], "stats"))  # a fixed pooling order: same stats, same bits
@@ -162,9 +167,9 @@ def warn_about_stats(nodes: list[int], reports: list[dict]) -> None:
     """Warn about outlying clients' stats and about pooled stats that reveal the other clients'."""
     for i in outliers(reports):
         log(WARNING, "node %s reported a state or action mean far outside every other client's range", nodes[i])
-    if 1 < len(reports) < MIN_STATS_CONTRIBUTORS:
-        log(WARNING, "only %d clients contributed dataset stats (fewer than %d): the pooled stats let each "
-            "client infer the others'", len(reports), MIN_STATS_CONTRIBUTORS)
+    if len(reports) == 2:
+        log(WARNING, "2 clients contributed dataset stats: each can infer the other's from the pooled stats "
+            "(min-stats-clients allows it)")
 
 
 class RoundEnd:
