@@ -11,7 +11,11 @@ folder's ``metrics.jsonl``. Round 1 can include start-up, so rounds 2+ are compa
 It also times one cold start in a fresh process: import + policy + dataset, the cost every
 message pays in "before".
 
-Run: ``HF_HUB_OFFLINE=1 python bench/deploy_round.py [--models tiny smolvla-size]``.
+Mode ``direct`` is ``after`` with the SuperNodes dialling the SuperLink's loopback port instead of
+:mod:`zk0.fleet_proxy` (which ``zk0 server start`` puts in front of it): ``after`` / ``direct`` is the
+proxy's cost per round.
+
+Run: ``HF_HUB_OFFLINE=1 python bench/deploy_round.py [--models tiny smolvla-size] [--modes after direct]``.
 The last line holds every number as ``key=value``.
 """
 
@@ -71,11 +75,12 @@ class RssSampler(threading.Thread):
 
 
 class Federation:
-    """A loopback insecure SuperLink and SuperNodes started the way `zk0 server/client start` start them
-    (with one resident worker each when ``resident``), each process tracked by its PID file."""
+    """A loopback insecure SuperLink, its Fleet proxy and SuperNodes started the way `zk0 server/client start`
+    start them (with one resident worker each when ``resident``; dialling the SuperLink itself, past the
+    proxy, unless ``proxied``), each process tracked by its PID file."""
 
-    def __init__(self, folder: Path, resident: bool, nodes: int = 2) -> None:
-        self.folder, self.resident, self.nodes = folder, resident, nodes
+    def __init__(self, folder: Path, resident: bool, proxied: bool = True, nodes: int = 2) -> None:
+        self.folder, self.resident, self.proxied, self.nodes = folder, resident, proxied, nodes
         self.names: list[tuple[Path, str]] = []
         self.node_groups: list[set[int]] = []
 
@@ -94,10 +99,13 @@ class Federation:
 
     def _start_all(self) -> None:
         server = self.folder / "server"
-        port = deploy.init_server(server, [], "127.0.0.1", deploy.free_port()).port
-        deploy.write_connection(server / "flwr", f"127.0.0.1:{port}", None)
+        settings = deploy.init_server(server, [], "127.0.0.1", deploy.free_port(), control_port=deploy.free_port())
+        deploy.write_connection(server / "flwr", deploy.control_address(settings), None)
         self._start(server, "superlink", deploy.superlink_command(server, insecure=True))
-        deploy.wait_listening(server, "superlink", "127.0.0.1", port, timeout=60)
+        deploy.wait_listening(server, "superlink", "127.0.0.1", settings.control_port, timeout=60)
+        self._start(server, "fleet-proxy", deploy.fleet_proxy_command(server, insecure=True))
+        deploy.wait_listening(server, "fleet-proxy", "127.0.0.1", settings.port, timeout=60)
+        port = settings.port if self.proxied else settings.control_port
         for i in range(self.nodes):
             node, appio = self.folder / f"node{i}", deploy.free_port()
             node.mkdir()
@@ -140,9 +148,11 @@ def round_seconds(run_dir: Path) -> dict[int, float]:
             if r["source"] == "server" and r.get("event") == "round"}
 
 
-def measure_deployment(model: str, resident: bool, rounds: int, timeout: float) -> dict[str, float]:
+def measure_deployment(model: str, mode: str, rounds: int, timeout: float) -> dict[str, float]:
     """Run ``rounds`` rounds of ``model`` in one deployment; rounds 2+ median, whole run, peak node RSS."""
-    with tempfile.TemporaryDirectory(prefix="zk0-bench-deploy-") as tmp, Federation(Path(tmp), resident) as fed:
+    resident, proxied = mode != "before", mode != "direct"
+    with (tempfile.TemporaryDirectory(prefix="zk0-bench-deploy-") as tmp,
+          Federation(Path(tmp), resident, proxied) as fed):
         sampler = RssSampler(fed.node_groups)
         sampler.start()
         start = time.monotonic()
@@ -150,7 +160,6 @@ def measure_deployment(model: str, resident: bool, rounds: int, timeout: float) 
         run_s = time.monotonic() - start
         sampler.done.set()
         seconds = round_seconds(run_dir)
-    mode = "after" if resident else "before"
     print(f"{model} {mode}: seconds per round {seconds}, run {run_s:.1f}s, "
           f"peak node RSS {[round(p / MIB) for p in sampler.peaks]} MiB", flush=True)
     return {"round_s": statistics.median(s for r, s in seconds.items() if r >= 2), "run_s": run_s,
@@ -187,13 +196,15 @@ def report(results: dict[str, dict[str, float]]) -> Iterator[str]:
             yield f"{key}_{name}={value:.2f}"
         if "round_s_before" in r and "round_s_after" in r:
             yield f"speedup_{key}={r['round_s_before'] / r['round_s_after']:.2f}"
+        if "round_s_direct" in r and "round_s_after" in r:
+            yield f"proxy_overhead_{key}={r['round_s_after'] / r['round_s_direct']:.3f}"
 
 
 def main() -> None:
     """Measure each model in both modes and print the numbers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(RUN_CONFIGS), choices=list(RUN_CONFIGS))
-    parser.add_argument("--modes", nargs="+", default=["before", "after"], choices=["before", "after"])
+    parser.add_argument("--modes", nargs="+", default=["before", "after"], choices=["before", "after", "direct"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--cold-start", metavar="MODEL", help=argparse.SUPPRESS)
@@ -208,7 +219,7 @@ def main() -> None:
         cold = measure_cold_start(model)
         results[model] = {"cold_import_s": cold["import_s"], "cold_build_s": cold["build_s"]}
         for mode in args.modes:
-            for name, value in measure_deployment(model, mode == "after", args.rounds, args.timeout).items():
+            for name, value in measure_deployment(model, mode, args.rounds, args.timeout).items():
                 results[model][f"{name}_{mode}"] = value
     print(" ".join(report(results)))
 

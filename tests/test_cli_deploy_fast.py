@@ -99,7 +99,7 @@ def test_a_remapped_camera_is_checked_described_and_reaches_the_node_config(tmp_
 def stopped_server(tmp_path) -> Path:
     """A server folder made by `zk0 server init` whose SuperLink was never started."""
     folder = tmp_path / "server"
-    deploy.init_server(folder, [], "127.0.0.1", deploy.free_port())
+    deploy.init_server(folder, [], "127.0.0.1", deploy.free_port(), control_port=deploy.free_port())
     deploy.keygen(tmp_path / "node")
     return folder
 
@@ -114,7 +114,7 @@ def test_commands_name_a_stopped_superlink_at_once(stopped_server, command):
     proc = subprocess.run([str(Path(sys.executable).parent / "zk0"), *args, "-d", str(stopped_server)],
                           capture_output=True, text=True, timeout=300)
     elapsed = time.monotonic() - started
-    port = deploy.server_settings(stopped_server).port
+    port = deploy.server_settings(stopped_server).control_port
     assert proc.returncode == 1 and proc.stderr.strip() == (
         f"error: no SuperLink is running from {stopped_server} (nothing listens on 127.0.0.1:{port}): "
         f"start it with `zk0 server start -d {stopped_server}`"), proc.stderr
@@ -124,7 +124,7 @@ def test_commands_name_a_stopped_superlink_at_once(stopped_server, command):
 def test_a_port_taken_by_another_process_is_not_our_superlink(stopped_server):
     import socket
 
-    port = deploy.server_settings(stopped_server).port
+    port = deploy.server_settings(stopped_server).control_port
     with socket.socket() as other:
         other.bind(("127.0.0.1", port))
         other.listen()
@@ -157,6 +157,21 @@ def test_server_init_keeps_the_ca_key_out_of_the_server_folder(tmp_path):
     assert mode(ca_dir / "ca.key") == mode(folder / "server.key") == 0o600
 
 
+def test_only_the_fleet_proxy_listens_on_the_public_address(tmp_path):
+    """Whatever ``--bind`` says, the SuperLink (and its unauthenticated Control API) listens on loopback."""
+    folder = tmp_path / "srv"
+    settings = deploy.init_server(folder, ["robots.example.org"], "0.0.0.0", 9092)
+    assert settings.control_port == 9093 and deploy.control_address(settings) == "127.0.0.1:9093"
+    superlink = deploy.superlink_command(folder, insecure=False)
+    assert superlink[superlink.index("--host") + 1:superlink.index("--port") + 2] == ["127.0.0.1", "--port", "9093"]
+    proxy = deploy.fleet_proxy_command(folder, insecure=False)
+    assert proxy[proxy.index("--host") + 1:proxy.index("--port") + 2] == ["0.0.0.0", "--port", "9092"]
+    assert proxy[proxy.index("--upstream") + 1] == "https://127.0.0.1:9093"
+    assert 'address = "127.0.0.1:9093"' in (folder / "flwr" / "config.toml").read_text()
+    same = CliRunner().invoke(app, ["server", "init", str(tmp_path / "b"), "--port", "7", "--control-port", "7"])
+    assert same.exit_code == 1 and "is the Fleet port too" in same.stderr
+
+
 def test_server_init_refuses_a_ca_dir_inside_the_server_folder(tmp_path):
     result = CliRunner().invoke(app, ["server", "init", str(tmp_path / "srv"), "--ca-dir", str(tmp_path / "srv" / "ca")])
     assert result.exit_code == 1 and "is inside the server folder" in result.stderr
@@ -165,7 +180,7 @@ def test_server_init_refuses_a_ca_dir_inside_the_server_folder(tmp_path):
 
 def test_server_start_refuses_a_folder_holding_the_ca_key(tmp_path):
     folder = tmp_path / "srv"
-    deploy.init_server(folder, [], "127.0.0.1", deploy.free_port())
+    deploy.init_server(folder, [], "127.0.0.1", deploy.free_port(), control_port=deploy.free_port())
     (tmp_path / "srv-ca" / "ca.key").rename(folder / "ca.key")  # as folders made before the CA moved out
     result = CliRunner().invoke(app, ["server", "start", "-d", str(folder)])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
@@ -200,7 +215,7 @@ def group_members(group: int) -> list[int]:
 def test_a_dead_leaders_orphans_are_refused_then_stopped(tmp_path):
     """A SuperLink killed with SIGKILL leaves its children (ServerApps) in its process group."""
     folder = tmp_path / "srv"
-    deploy.init_server(folder, [], "127.0.0.1", deploy.free_port())
+    deploy.init_server(folder, [], "127.0.0.1", deploy.free_port(), control_port=deploy.free_port())
     child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); " \
             "time.sleep(600)"
     leader = deploy.start(folder, "superlink", [sys.executable, "-c", child], {"PATH": "/usr/bin:/bin"})
@@ -215,3 +230,22 @@ def test_a_dead_leaders_orphans_are_refused_then_stopped(tmp_path):
     assert refused.exit_code == 1 and f"process group {leader}" in refused.stderr
     assert deploy.stop(folder, "superlink", timeout=30)
     assert not deploy._group_alive(leader) and deploy.orphaned_group(folder, "superlink") is None
+
+
+def test_serverapps_of_this_superlink_are_found_by_their_control_port_and_stopped(tmp_path):
+    """Flower's SuperExec runs in a session of its own, outside the SuperLink's process group."""
+    settings = deploy.init_server(tmp_path / "srv", [], "127.0.0.1", deploy.free_port(), control_port=deploy.free_port())
+    fake = tmp_path / "flwr-serverapp"
+    fake.write_text("import time\ntime.sleep(600)\n")
+    ours = subprocess.Popen([sys.executable, str(fake), "--runtime-api-address", deploy.control_address(settings)])
+    other = subprocess.Popen([sys.executable, str(fake), "--runtime-api-address", "127.0.0.1:1"])
+    try:
+        deadline = time.monotonic() + 120
+        while deploy.serverapp_processes(settings) != [ours.pid]:
+            assert time.monotonic() < deadline, deploy.serverapp_processes(settings)
+            time.sleep(0.05)
+        assert deploy.stop_serverapps(settings) == [ours.pid]
+        assert ours.wait(timeout=120) == -signal.SIGTERM and other.poll() is None
+    finally:
+        ours.kill()
+        other.kill()

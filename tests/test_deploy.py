@@ -8,6 +8,8 @@ Everything binds 127.0.0.1; every process is started and stopped through PID fil
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,11 +21,12 @@ import torch
 
 from zk0 import deploy
 from zk0.audit import read_audit
+from zk0.registry import default_pyproject
 from zk0.tracking import read_metrics
 
 pytestmark = pytest.mark.e2e
 ZK0 = str(Path(sys.executable).parent / "zk0")
-FAST = "local-steps=2 batch-size=4 eval-batches=1 round-timeout=90"
+FAST = "local-steps=2 batch-size=4 eval-batches=1 round-timeout=90 min-stats-clients=2"
 DATASETS = ["embedded:red-pick", "embedded:blue-pick-small", "embedded:green-place-left"]
 NAMES = ["alice", "bob", "carol"]
 RENAMED = "top-camera"  # node 1's dataset: cameras top and wrist; the policy's are front and wrist
@@ -33,6 +36,24 @@ def zk0(*args: str, timeout: float = 120, check: bool = True) -> subprocess.Comp
     proc = subprocess.run([ZK0, *args], capture_output=True, text=True, timeout=timeout)
     assert not check or proc.returncode == 0, f"zk0 {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def child_pids(parent: int) -> list[int]:
+    """PIDs of the live children of ``parent``."""
+    return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat") if _stat(stat)[1:2] == [str(parent)]
+            and _stat(stat)[0] != "Z"]
+
+
+def _stat(path: Path) -> list[str]:
+    """State, ppid, pgid, … of a /proc/PID/stat ([] once the process is gone)."""
+    try:
+        return path.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    return _stat(Path(f"/proc/{pid}/stat"))[:1] not in ([], ["Z"])
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -77,7 +98,7 @@ def federation(tmp_path_factory):
     renamed = synthetic.generate(synthetic.TASKS["blue-center"], fed.root / RENAMED, episodes=4, frames=20,
                                  image_size=64, seed=7, cameras=("top", "wrist"))
     try:
-        zk0("server", "init", str(fed.server), "--port", str(fed.port))
+        zk0("server", "init", str(fed.server), "--port", str(fed.port), "--control-port", str(deploy.free_port()))
         zk0("server", "start", "-d", str(fed.server))
         for i in range(3):
             zk0("client", "keygen", "-d", str(fed.root / f"node{i}"))
@@ -91,10 +112,56 @@ def federation(tmp_path_factory):
         fed.stop_all()
 
 
-def test_two_nodes_with_tls_and_node_auth_run_two_rounds(federation):
-    proc = zk0("run", "-d", str(federation.server), "-c", f"num-server-rounds=2 {FAST}", timeout=600)
-    assert "finished:completed" in proc.stdout
-    run_dir = federation.runs()[-1]
+def outsider_flwr(federation, home: Path, *args: str) -> str:
+    """``flwr ARGS`` as someone holding only ``ca.crt`` and the public address; its output (it must fail)."""
+    home.mkdir(exist_ok=True)
+    deploy.write_connection(home, f"127.0.0.1:{federation.port}", federation.server / "ca.crt")
+    proc = subprocess.run([str(deploy.BIN / "flwr"), *args, "--format", "json"], env=deploy.flower_env(home),
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 or '"success": false' in out, f"flwr {' '.join(args)} was not refused:\n{out}"
+    return out
+
+
+def listening_hosts(port: int) -> set[str]:
+    """The local addresses with a socket listening on ``port`` (from /proc/net/tcp and tcp6)."""
+    hosts = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:
+                hosts.add("127.0.0.1" if address == "0100007F" else address)
+    return hosts
+
+
+def test_two_nodes_run_two_rounds_while_an_outsider_with_ca_crt_is_refused_everything(federation, tmp_path):
+    """TLS, node authentication and named nodes; meanwhile someone holding ``ca.crt`` dials the public port
+    and tries the Control API: list runs, register a key, stop the run, unregister a node, submit an app."""
+    before = set(federation.runs())
+    output = (tmp_path / "operator.log").open("w+")  # a file, not a pipe: the streamed run log must never block
+    operator = subprocess.Popen([ZK0, "run", "-d", str(federation.server), "-c", f"num-server-rounds=2 {FAST}"],
+                                stdout=output, stderr=subprocess.STDOUT, text=True)
+    run_dir = wait_for(lambda: next(iter(set(federation.runs()) - before), None), 300, "the run folder")
+    run_id = wait_for(lambda: (run_dir / "flower-runs.txt").exists() and (run_dir / "flower-runs.txt").read_text()
+                      .split()[-1], 120, "the run id")
+    zk0("client", "keygen", "-d", str(tmp_path / "intruder"))
+    home, app = tmp_path / "flwr", str(default_pyproject().parent)
+    node_id = next(k for k, name in deploy.node_names(federation.server).items() if name == NAMES[0])
+    refusals = [outsider_flwr(federation, home, "ls", deploy.CONNECTION),
+                outsider_flwr(federation, home, "supernode", "register", str(tmp_path / "intruder" / "node_key.pub"),
+                              deploy.CONNECTION),
+                outsider_flwr(federation, home, "stop", run_id, deploy.CONNECTION),
+                outsider_flwr(federation, home, "supernode", "unregister", node_id, deploy.CONNECTION),
+                outsider_flwr(federation, home, "run", app, deploy.CONNECTION)]
+    assert all("not exposed" in out for out in refusals), refusals
+    operator.wait(timeout=900)
+    stdout = (tmp_path / "operator.log").read_text()
+    assert operator.returncode == 0 and "finished:completed" in stdout, stdout[-3000:]
+    refused = [line for line in (federation.server / "logs" / "fleet-proxy.log").read_text().splitlines()
+               if "/v1/control/" in line]
+    assert len(refused) >= 5 and all("404" in line for line in refused), refused
+    assert listening_hosts(deploy.server_settings(federation.server).control_port) == {"127.0.0.1"}
     records = read_metrics(run_dir / "metrics.jsonl")
     assert len({r["node"] for r in records if r["source"] == "client" and r["round"] == 2}) == 2
     assert {r["round"] for r in records if r["source"] == "client" and r.get("dataset") == RENAMED
@@ -105,7 +172,8 @@ def test_two_nodes_with_tls_and_node_auth_run_two_rounds(federation):
     status = zk0("status", "-d", str(federation.server)).stdout
     assert "finished:completed" in status and "round 2" in status and status.count("online") == 2
     assert all(f"online     {name}" in status for name in NAMES[:2]) and "carol" in status
-    run_id = proc.stdout.split("run ", 1)[1].split()[0]
+    assert status.split("nodes:")[1].count("\n  ") == 3, "the intruder's key was never registered"
+    assert status.split("runs:")[1].split("nodes:")[0].count("\n  ") == 1, "the intruder submitted no run"
     assert "zk0 round 2/2" in zk0("logs", run_id, "-d", str(federation.server)).stdout
     stop = zk0("stop", run_id, "-d", str(federation.server))
     assert stop.stdout.strip() == f"run {run_id} already finished (finished:completed)"
@@ -136,6 +204,13 @@ def test_a_node_with_an_unregistered_key_is_refused(federation, tmp_path):
     assert deploy.running_pid(tmp_path / "stranger", "supernode") is None
 
 
+def test_an_insecure_node_is_told_the_server_speaks_tls(federation, tmp_path):
+    proc = zk0("client", "start", "-d", str(tmp_path / "plain"), "--server", f"127.0.0.1:{federation.port}",
+               "--insecure", "--dataset", DATASETS[0], "--wait", "15", check=False)
+    assert proc.returncode == 1 and "speaks TLS: start with --ca ca.crt" in proc.stderr, proc.stderr
+    assert deploy.running_pid(tmp_path / "plain", "supernode") is None
+
+
 def test_a_node_trusting_another_ca_cannot_connect(federation, tmp_path):
     deploy.init_server(tmp_path / "other", [], "127.0.0.1", 1)
     proc = zk0("client", "start", "-d", str(federation.root / "node2"), "--server", f"127.0.0.1:{federation.port}",
@@ -146,11 +221,19 @@ def test_a_node_trusting_another_ca_cannot_connect(federation, tmp_path):
 def test_insecure_is_explicit_and_warns(tmp_path):
     proc = zk0("server", "start", "-d", str(tmp_path / "none"), check=False)
     assert proc.returncode == 1 and "not a zk0 server folder" in proc.stderr
-    zk0("server", "init", str(tmp_path / "srv"), "--port", str(deploy.free_port()))
+    zk0("server", "init", str(tmp_path / "srv"), "--port", str(deploy.free_port()), "--control-port",
+        str(deploy.free_port()))
     try:
         proc = zk0("server", "start", "-d", str(tmp_path / "srv"), "--insecure")
         assert "warning: --insecure" in proc.stderr
         assert "--insecure" in Path(f"/proc/{deploy.running_pid(tmp_path / 'srv', 'superlink')}/cmdline").read_text()
+        assert deploy.running_pid(tmp_path / "srv", "fleet-proxy") is not None
+        zk0("client", "keygen", "-d", str(tmp_path / "node"))
+        port = deploy.server_settings(tmp_path / "srv").port
+        proc = zk0("client", "start", "-d", str(tmp_path / "node"), "--server", f"127.0.0.1:{port}", "--ca",
+                   str(tmp_path / "srv" / "ca.crt"), "--dataset", DATASETS[0], "--wait", "15", check=False)
+        assert proc.returncode == 1 and "does not speak TLS (a server started with --insecure?)" in proc.stderr
+        assert deploy.running_pid(tmp_path / "node", "supernode") is None, "a node that cannot connect is stopped"
     finally:
         zk0("server", "stop", "-d", str(tmp_path / "srv"))
 
@@ -170,15 +253,29 @@ def test_a_node_dies_mid_round_then_the_server_dies_and_the_run_resumes(federati
     wait_for(lambda: (run_dir / "server_state.pt").exists() and
              any(r.get("event") == "round" and r["round"] == 1 for r in read_metrics(run_dir / "metrics.jsonl")),
              300, "round 1 to complete")
-    zk0("server", "stop", "-d", str(federation.server))  # the ServerApp dies with its SuperLink
+    serverapps = deploy.serverapp_processes(deploy.server_settings(federation.server))
+    assert any(b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in serverapps)
+    os.kill(deploy.running_pid(federation.server, "superlink"), signal.SIGKILL)
+    refused = zk0("server", "start", "-d", str(federation.server), check=False)
+    assert refused.returncode == 1 and "`zk0 server stop -d" in refused.stderr
+    zk0("server", "stop", "-d", str(federation.server))
+    assert not [pid for pid in serverapps if alive(pid)], "no ServerApp outlives its killed SuperLink"
     assert torch.load(run_dir / "server_state.pt", weights_only=True)["server_round"] < 3
     zk0("server", "start", "-d", str(federation.server))  # same state database: the nodes stay registered
+    supervisor = deploy.running_pid(federation.root / "node0", "clientapp")
+    (worker,) = [pid for pid in child_pids(supervisor)]
+    os.kill(worker, signal.SIGKILL)  # node 0's worker dies; its supervisor starts another
+    wait_for(lambda: [pid for pid in child_pids(supervisor) if pid != worker], 120, "a restarted worker")
     proc = zk0("run", "-d", str(federation.server), "--resume", str(run_dir), timeout=600)
     assert "finished:completed" in proc.stdout
     records = read_metrics(run_dir / "metrics.jsonl")
     assert sorted(r["round"] for r in records if r.get("event") == "round") == [0, 1, 2, 3]
     for server_round in (1, 2, 3):
         assert len([r for r in records if r["source"] == "client" and r["round"] == server_round]) == 2
+    node0 = {r["node"] for r in records if r["source"] == "client" and r.get("dataset") == "red-pick"}
+    assert len(node0) == 1 and {r["round"] for r in records if r.get("node") in node0 and "train-loss" in r} == {
+        1, 2, 3}, "node 0 trains in the rounds after its worker was killed"
+    assert "was killed by SIGKILL" in (federation.root / "node0" / "logs" / "clientapp.log").read_text()
     lost = [a for a in read_audit(run_dir) if a["round"] == 1 and a["phase"] == "train"
             and a["direction"] in ("missing", "received") and a.get("status") != "accepted"]
     assert len(lost) == 1, lost

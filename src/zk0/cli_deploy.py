@@ -29,6 +29,7 @@ FINISHED = "finished"
 FLWR_TIMEOUT = 600.0  # a `flwr` call: `flwr --version` alone took 26 s on a loaded 2-core machine
 UNKNOWN_RUN = "Run ID not found"  # Flower 1.42's reasons: a run id the SuperLink does not have,
 KNOWN_KEY = "Public key already in use"  # a node key registered before
+SERVER_PROCESSES = ("superlink", "fleet-proxy")  # started in this order, stopped in reverse
 
 
 def fail(message: str) -> NoReturn:
@@ -78,7 +79,9 @@ def server_init(
     host: Annotated[list[str] | None, typer.Option(
         "--host", help="Name or IP robot owners dial (repeat for several); loopback is always added.")] = None,
     bind: Annotated[str, typer.Option(help="Address the SuperLink listens on (0.0.0.0: all interfaces).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="The SuperLink's port (Fleet, Control and Runtime APIs).")] = 9092,
+    port: Annotated[int, typer.Option(help="The port robot owners dial: the Fleet API, and nothing else.")] = 9092,
+    control_port: Annotated[int | None, typer.Option(
+        help="The SuperLink's own port, on 127.0.0.1 only: the operator's Control API (default: port + 1).")] = None,
     ca_dir: Annotated[Path | None, typer.Option(
         help="Where the CA's private key goes (default: FOLDER-ca beside the server folder); keep it offline.")] = None,
 ) -> None:
@@ -86,11 +89,11 @@ def server_init(
     folder = folder.resolve()
     ca_dir = (ca_dir or deploy.default_ca_dir(folder)).resolve()
     try:
-        settings = deploy.init_server(folder, host or [], bind, port, ca_dir)
+        settings = deploy.init_server(folder, host or [], bind, port, ca_dir, control_port)
     except deploy.DeployError as err:
         fail(str(err))
-    typer.echo(f"server folder {folder}: certificate for {', '.join(settings.hosts)}; "
-               f"SuperLink will listen on {bind}:{port}")
+    typer.echo(f"server folder {folder}: certificate for {', '.join(settings.hosts)}; nodes will dial {bind}:{port} "
+               f"(Fleet API only); the Control API stays on {deploy.control_address(settings)}")
     typer.echo(f"CA key in {ca_dir / 'ca.key'}: move that folder offline (it only signs server certificates)")
     typer.echo(f"give robot owners {folder / 'ca.crt'}; next: zk0 server start -d {folder}")
 
@@ -101,27 +104,44 @@ def server_start(
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="No TLS and no node authentication: anyone who reaches the port can join. Tests only.")] = False,
 ) -> None:
-    """Start `flower-superlink` with TLS, SuperNode authentication and a persistent state database."""
+    """Start `flower-superlink` on loopback (TLS, SuperNode authentication, a persistent state database) and
+    the Fleet proxy that alone faces the network."""
     folder = folder.resolve()
     try:
         settings = deploy.server_settings(folder)
-        if (running := deploy.running_pid(folder, "superlink")) is not None:
-            fail(f"a SuperLink already runs from {folder} (PID {running}); `zk0 server stop -d {folder}` first")
-        if (group := deploy.orphaned_group(folder, "superlink")) is not None:
-            fail(f"processes of a SuperLink that died still run (process group {group}, e.g. a ServerApp): "
-                 f"`zk0 server stop -d {folder}` ends them")
+        for name in SERVER_PROCESSES:
+            if (running := deploy.running_pid(folder, name)) is not None:
+                fail(f"{name} already runs from {folder} (PID {running}); `zk0 server stop -d {folder}` first")
+            if (group := deploy.orphaned_group(folder, name)) is not None:
+                fail(f"processes of a {name} that died still run (process group {group}, e.g. a ServerApp): "
+                     f"`zk0 server stop -d {folder}` ends them")
+        if leftover := deploy.serverapp_processes(settings):
+            fail(f"ServerApp processes of a SuperLink that died still run (PIDs {', '.join(map(str, leftover))}); "
+                 f"they exit within seconds by themselves, or `zk0 server stop -d {folder}` ends them")
         deploy.require_no_ca_key(folder)
         if insecure:
             typer.secho("warning: --insecure: traffic is unencrypted and any SuperNode may join", fg="yellow", err=True)
-            deploy.write_connection(folder / "flwr", f"127.0.0.1:{settings.port}", None)
-        else:
-            deploy.write_connection(folder / "flwr", f"127.0.0.1:{settings.port}", folder / "ca.crt")
-        pid = deploy.start(folder, "superlink", deploy.superlink_command(folder, insecure),
-                           deploy.flower_env(folder / "flwr"))
-        deploy.wait_listening(folder, "superlink", deploy.local_host(settings), settings.port, timeout=60)
+        deploy.write_connection(folder / "flwr", deploy.control_address(settings), None if insecure else folder / "ca.crt")
+        pid = start_server_processes(folder, settings, insecure)
     except deploy.DeployError as err:
         fail(str(err))
-    typer.echo(f"SuperLink running (PID {pid}) on {settings.bind}:{settings.port}; log {folder / 'logs/superlink.log'}")
+    typer.echo(f"SuperLink running (PID {pid}) on {deploy.control_address(settings)} (Control API: this machine "
+               f"only); nodes dial {settings.bind}:{settings.port} (Fleet API only); logs in {folder / 'logs'}")
+
+
+def start_server_processes(folder: Path, settings: deploy.ServerSettings, insecure: bool) -> int:
+    """The SuperLink, then the Fleet proxy in front of it; the SuperLink's PID. Both or neither keep running."""
+    env = deploy.flower_env(folder / "flwr")
+    pid = deploy.start(folder, "superlink", deploy.superlink_command(folder, insecure), env)
+    try:
+        deploy.wait_listening(folder, "superlink", "127.0.0.1", settings.control_port, timeout=60)
+        deploy.start(folder, "fleet-proxy", deploy.fleet_proxy_command(folder, insecure), env)
+        deploy.wait_listening(folder, "fleet-proxy", deploy.local_host(settings), settings.port, timeout=60)
+    except deploy.DeployError:
+        for name in reversed(SERVER_PROCESSES):
+            deploy.stop(folder, name)
+        raise
+    return pid
 
 
 @server_app.command("add-node")
@@ -144,9 +164,15 @@ def server_add_node(
 
 @server_app.command("stop")
 def server_stop(folder: ServerDir = DEFAULT_SERVER) -> None:
-    """Stop the SuperLink started from this folder (and the ServerApps it runs)."""
-    stopped = deploy.stop(folder.resolve(), "superlink")
-    typer.echo("SuperLink stopped" if stopped else "no SuperLink was running from this folder")
+    """Stop the Fleet proxy and the SuperLink started from this folder, and the ServerApps it runs."""
+    folder = folder.resolve()
+    stopped = [name for name in reversed(SERVER_PROCESSES) if deploy.stop(folder, name)]
+    try:
+        if deploy.stop_serverapps(deploy.server_settings(folder)):
+            stopped.append("ServerApp processes")
+    except deploy.DeployError as err:
+        fail(str(err))
+    typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running from this folder")
 
 
 # --- robot owner -------------------------------------------------------------------------
@@ -180,7 +206,8 @@ def client_start(
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no key (only with an --insecure server).")] = False,
     resident: Annotated[bool, typer.Option(
         help="Keep one ClientApp process with the policy and data loaded across rounds.")] = True,
-    wait: Annotated[float, typer.Option(help="Seconds to wait for the SuperLink to accept this node.")] = 60.0,
+    wait: Annotated[float, typer.Option(
+        help="Seconds to wait for the SuperLink to accept this node; then it stops and says why.")] = 120.0,
 ) -> None:
     """Start a SuperNode serving one dataset to the federation, once the dataset is checked against the policy."""
     folder = folder.resolve()
@@ -218,15 +245,13 @@ def client_start(
             deploy.start(folder, "clientapp", deploy.resident_command(appio, pid, secret), env)
             started.append("clientapp")
         node_id = deploy.wait_connected(folder, "supernode", wait)
+        if node_id is None:
+            raise deploy.DeployError(f"not connected to {server} within {wait:.0f}s, stopped")
     except deploy.DeployError as err:
         for name in reversed(started):  # only what this call started
             deploy.stop(folder, name)
-        fail(str(err))
-    if node_id is None:
-        typer.secho(f"warning: not connected to {server} after {wait:.0f}s; the SuperNode keeps retrying "
-                    f"(log: {folder / 'logs/supernode.log'})", fg="yellow", err=True)
-    else:
-        typer.echo(f"SuperNode {node_id} (PID {pid}) serves {dataset} to {server}; logs in {folder / 'logs'}")
+        fail(f"{err}\nwhy: {deploy.why_not_connected(server, ca)}")
+    typer.echo(f"SuperNode {node_id} (PID {pid}) serves {dataset} to {server}; logs in {folder / 'logs'}")
 
 
 def check_node_data(entry: DatasetEntry, model: str | None) -> dict[str, str]:

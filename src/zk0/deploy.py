@@ -4,7 +4,7 @@ The server operator's folder (``zk0 server init DIR``), owner-only (0700)::
 
     ca.crt                    the federation's CA certificate (public: robot owners get it)
     server.crt  server.key    the SuperLink's TLS certificate, SANs = the hosts given at init
-    server.json               bind address, port and hosts chosen at init
+    server.json               bind address, Fleet port, loopback Control port and hosts chosen at init
     flwr/config.toml          FLWR_HOME of the operator's ``flwr`` CLI: connection ``zk0``
     state.db                  SuperLink state (registered nodes, runs), kept across restarts
     nodes.json                names given to nodes at ``zk0 server add-node``, by node id
@@ -21,17 +21,24 @@ A robot owner's folder (``zk0 client keygen DIR``) holds ``node_key`` / ``node_k
 ECDSA P-384 key pair in OpenSSH format, as Flower's SuperNode authentication expects) and
 the ``pids/`` and ``logs/`` of the SuperNode it runs.
 
+Only the Fleet API faces the network. The SuperLink (Fleet, Control and Runtime APIs on one
+port in Flower 1.42, with no user authentication on Control) listens on ``127.0.0.1:control_port``,
+where the operator's ``flwr`` and the ServerApps reach it; :mod:`zk0.fleet_proxy` listens on
+``bind:port`` and forwards only the Fleet paths SuperNodes call.
+
 Processes are started in their own session and found again only through their PID file,
 checked against ``/proc/<pid>/cmdline``, never by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -42,6 +49,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from zk0.pki import make_ca, make_server_cert, write_cert, write_key, write_private
+from zk0.supernode import LOST
 
 CONNECTION = "zk0"
 BIN = Path(sys.executable).parent
@@ -73,10 +81,12 @@ def keygen(folder: Path) -> str:
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """What ``zk0 server init`` decided: where the SuperLink listens and the names it answers to."""
+    """What ``zk0 server init`` decided: where nodes dial (``bind:port``, the Fleet proxy), where the
+    SuperLink itself listens (``127.0.0.1:control_port``), and the names its certificate carries."""
 
     bind: str
     port: int
+    control_port: int
     hosts: list[str]
 
 
@@ -85,10 +95,15 @@ def default_ca_dir(folder: Path) -> Path:
     return folder.with_name(f"{folder.name}-ca")
 
 
-def init_server(folder: Path, hosts: list[str], bind: str, port: int, ca_dir: Path | None = None) -> ServerSettings:
+def init_server(folder: Path, hosts: list[str], bind: str, port: int, ca_dir: Path | None = None,
+                control_port: int | None = None) -> ServerSettings:
     """Create the CA (its key in ``ca_dir``, outside the server folder), the SuperLink certificate and the
-    operator's Flower connection ``zk0``, in an owner-only server folder."""
+    operator's Flower connection ``zk0`` (loopback, ``control_port``: default ``port + 1``), in an
+    owner-only server folder."""
     ca_dir = (ca_dir or default_ca_dir(folder)).resolve()
+    control_port = port + 1 if control_port is None else control_port
+    if control_port == port:
+        raise DeployError(f"--control-port {control_port} is the Fleet port too; choose another (default: port + 1)")
     if (folder / "server.json").exists():
         raise DeployError(f"{folder} is already a zk0 server folder; use another folder or remove it first")
     if ca_dir == folder.resolve() or folder.resolve() in ca_dir.parents:
@@ -106,9 +121,9 @@ def init_server(folder: Path, hosts: list[str], bind: str, port: int, ca_dir: Pa
     write_cert(folder / "ca.crt", ca_cert)
     write_key(folder / "server.key", key, serialization.PrivateFormat.PKCS8)
     write_cert(folder / "server.crt", cert)
-    settings = ServerSettings(bind=bind, port=port, hosts=names)
+    settings = ServerSettings(bind=bind, port=port, control_port=control_port, hosts=names)
     (folder / "server.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
-    write_connection(folder / "flwr", f"127.0.0.1:{port}", folder / "ca.crt")
+    write_connection(folder / "flwr", control_address(settings), folder / "ca.crt")
     return settings
 
 
@@ -116,7 +131,16 @@ def server_settings(folder: Path) -> ServerSettings:
     path = folder / "server.json"
     if not path.is_file():
         raise DeployError(f"{folder} is not a zk0 server folder (no server.json); run `zk0 server init {folder}`")
-    return ServerSettings(**json.loads(path.read_text()))
+    try:
+        return ServerSettings(**json.loads(path.read_text()))
+    except TypeError:
+        raise DeployError(f"{path} was written by an older zk0 (no control_port); run `zk0 server init` in a new "
+                          f"folder and register the nodes again") from None
+
+
+def control_address(settings: ServerSettings) -> str:
+    """Where the SuperLink listens, for the operator's ``flwr`` and nothing else: loopback only."""
+    return f"127.0.0.1:{settings.control_port}"
 
 
 def require_no_ca_key(folder: Path) -> None:
@@ -127,7 +151,7 @@ def require_no_ca_key(folder: Path) -> None:
 
 
 def local_host(settings: ServerSettings) -> str:
-    """The address this machine dials to reach its own SuperLink (one bound to all interfaces answers on loopback)."""
+    """The address this machine dials to reach its own Fleet proxy (one bound to all interfaces answers on loopback)."""
     return "127.0.0.1" if settings.bind == "0.0.0.0" else settings.bind
 
 
@@ -137,12 +161,12 @@ def require_superlink(folder: Path) -> ServerSettings:
     Asked first, because ``flwr run`` against a stopped SuperLink retries for minutes before a traceback.
     """
     settings = server_settings(folder)
-    host = local_host(settings)
-    listening = accepts(host, settings.port)
+    address = control_address(settings)
+    listening = accepts("127.0.0.1", settings.control_port)
     if listening and running_pid(folder, "superlink") is not None:
         return settings
-    why = (f"{host}:{settings.port} is taken by a process not started from this folder" if listening
-           else f"nothing listens on {host}:{settings.port}")
+    why = (f"{address} is taken by a process not started from this folder" if listening
+           else f"nothing listens on {address}")
     raise DeployError(f"no SuperLink is running from {folder} ({why}): start it with `zk0 server start -d {folder}`")
 
 
@@ -167,15 +191,29 @@ def write_connection(flwr_home: Path, address: str, ca: Path | None) -> None:
 
 
 def superlink_command(folder: Path, insecure: bool) -> list[str]:
-    """``flower-superlink`` with TLS, SuperNode authentication, a state database and no dependency installs."""
+    """``flower-superlink`` on loopback only, with TLS, SuperNode authentication, a state database and no
+    dependency installs."""
     settings = server_settings(folder)
-    cmd = [str(BIN / "flower-superlink"), "--isolation", "subprocess", "--host", settings.bind,
-           "--port", str(settings.port), "--database", str(folder / "state.db"),
+    cmd = [str(BIN / "flower-superlink"), "--isolation", "subprocess", "--host", "127.0.0.1",
+           "--port", str(settings.control_port), "--database", str(folder / "state.db"),
            "--disable-runtime-dependency-installation"]
     if insecure:  # Flower refuses node authentication without TLS
         return [*cmd, "--insecure"]
     return [*cmd, "--ssl-ca-certfile", str(folder / "ca.crt"), "--ssl-certfile", str(folder / "server.crt"),
             "--ssl-keyfile", str(folder / "server.key"), "--enable-supernode-auth"]
+
+
+def fleet_proxy_command(folder: Path, insecure: bool) -> list[str]:
+    """:mod:`zk0.fleet_proxy` on the public ``bind:port``, serving the SuperLink's certificate and checking the
+    loopback SuperLink's against the CA."""
+    settings = server_settings(folder)
+    scheme = "http" if insecure else "https"
+    cmd = [sys.executable, "-m", "zk0.fleet_proxy", "--host", settings.bind, "--port", str(settings.port),
+           "--upstream", f"{scheme}://{control_address(settings)}"]
+    if insecure:
+        return cmd
+    return [*cmd, "--certfile", str(folder / "server.crt"), "--keyfile", str(folder / "server.key"),
+            "--cafile", str(folder / "ca.crt")]
 
 
 def supernode_command(server: str, dataset: str, ca: Path | None, key: Path | None, appio_port: int,
@@ -188,9 +226,13 @@ def supernode_command(server: str, dataset: str, ca: Path | None, key: Path | No
 
     With ``resident_secret`` it leaves ClientApps to the zk0 worker (``--isolation process``)
     and hands tasks only to a caller that proves it holds that secret.
+
+    It runs as :mod:`zk0.supernode` under :mod:`zk0.supervise`: a SuperNode whose connection ends
+    after it joined is started again (it rejoins); one the SuperLink refuses is not.
     """
     node_config = f"dataset={json.dumps(dataset)} cameras={json.dumps(cameras)}"
-    cmd = [str(BIN / "flower-supernode"), "--superlink", server, "--node-config", node_config,
+    cmd = [sys.executable, "-m", "zk0.supervise", "--restart-on", str(LOST), "--", sys.executable, "-m",
+           "zk0.supernode", "--superlink", server, "--node-config", node_config,
            "--host", "127.0.0.1", "--port", str(appio_port)]
     if resident_secret:
         cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(resident_secret)]
@@ -201,9 +243,11 @@ def supernode_command(server: str, dataset: str, ca: Path | None, key: Path | No
 
 
 def resident_command(appio_port: int, supernode_pid: int, secret: Path) -> list[str]:
-    """The long-lived zk0 ClientApp worker serving the SuperNode's runtime API on loopback."""
-    return [sys.executable, "-m", "zk0.resident", "--appio-api-address", f"127.0.0.1:{appio_port}", "--insecure",
-            "--parent-pid", str(supernode_pid), "--superexec-auth-secret-file", str(secret)]
+    """The long-lived zk0 ClientApp worker serving the SuperNode's runtime API on loopback, under
+    :mod:`zk0.supervise`, which restarts it if it dies while the SuperNode lives."""
+    worker = [sys.executable, "-m", "zk0.resident", "--appio-api-address", f"127.0.0.1:{appio_port}", "--insecure",
+              "--parent-pid", str(supernode_pid), "--superexec-auth-secret-file", str(secret)]
+    return [sys.executable, "-m", "zk0.supervise", "--parent-pid", str(supernode_pid), "--", *worker]
 
 
 def runtime_secret(folder: Path) -> Path:
@@ -291,6 +335,49 @@ def stop(folder: Path, name: str, timeout: float = 30.0) -> bool:
     return True
 
 
+def serverapp_processes(settings: ServerSettings) -> list[int]:
+    """PIDs of Flower's ServerApp processes (``flwr-serverapp``, ``flower-superexec``) serving this folder's
+    SuperLink, found by their program and the loopback Control port they dial.
+
+    The SuperLink starts its SuperExec in a session of its own, so they are not in its process group:
+    after a SIGKILL of the SuperLink a running ServerApp lives on for a while (10-15 s measured).
+    """
+    address = control_address(settings).encode()
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        program = any(part.endswith((b"flwr-serverapp", b"flower-superexec")) for part in args[:2])
+        if program and any(address in part for part in args):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def stop_serverapps(settings: ServerSettings, timeout: float = 30.0) -> list[int]:
+    """SIGTERM (then SIGKILL after ``timeout``) the ServerApps :func:`serverapp_processes` finds; their PIDs."""
+    pids = serverapp_processes(settings)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while (alive := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def orphaned_group(folder: Path, name: str) -> int | None:
     """The process group ``name`` was started in, when its leader is gone but some of the group still runs."""
     record = _record(folder, name)
@@ -355,6 +442,48 @@ def wait_connected(folder: Path, name: str, timeout: float) -> str | None:
             raise _exited(folder, name)
         time.sleep(0.3)
     return None
+
+
+def why_not_connected(server: str, ca: Path | None) -> str:
+    """Why a SuperNode dialling ``server`` (TLS checked against ``ca``, or plain when None) is not accepted,
+    found by dialling it the same way: no listener, a TLS mismatch either way, a certificate from
+    another CA or for another name, or, when all of that is fine, an unregistered key."""
+    host, _, port = server.rpartition(":")
+    host = host.strip("[]")
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=10)
+    except (OSError, ValueError) as err:
+        return (f"nothing accepts connections at {server} ({getattr(err, 'strerror', None) or err}): is the server "
+                f"up, the address right and its port open?")
+    with sock:
+        if ca is None:
+            return _plain_answer(sock, server)
+        context = ssl.create_default_context(cafile=str(ca))
+        try:
+            with context.wrap_socket(sock, server_hostname=host):
+                pass
+        except ssl.SSLCertVerificationError as err:
+            if err.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+                return (f"the server's certificate does not name {host}: dial a name the operator gave "
+                        f"`zk0 server init --host`, or ask them to add {host}")
+            return f"the server's certificate is not signed by {ca} ({err.verify_message}): get the federation's ca.crt"
+        except (ssl.SSLError, OSError):
+            return f"{server} does not speak TLS (a server started with --insecure?): ask the operator which it is"
+    return (f"TLS to {server} works but the SuperLink has not accepted this node: is its key registered "
+            f"(`zk0 server add-node`)?")
+
+
+def _plain_answer(sock: socket.socket, server: str) -> str:
+    """What an --insecure node learns from a plain HTTP request: a TLS server answers no HTTP."""
+    sock.settimeout(10)
+    try:
+        sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: zk0\r\nContent-Length: 0\r\n\r\n")
+        answer = sock.recv(64)
+    except OSError:
+        answer = b""
+    if not answer.startswith(b"HTTP/"):
+        return f"{server} speaks TLS: start with --ca ca.crt (from the operator) instead of --insecure"
+    return f"{server} answers plain HTTP but has not accepted this node; see the SuperNode's log"
 
 
 def _exited(folder: Path, name: str) -> DeployError:
