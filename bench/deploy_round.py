@@ -4,7 +4,7 @@ Starts a loopback, insecure SuperLink and two SuperNodes with zk0's own deployme
 (:mod:`zk0.deploy`, as `zk0 server/client start` do), first in Flower's default
 ``--isolation subprocess`` (a ``flwr-clientapp`` process per message, which imports torch
 and LeRobot and rebuilds the policy and dataset every time: "before"), then in
-``--isolation process`` with one ``python -m zk0.resident`` worker per SuperNode ("after"),
+``--isolation process`` with one ``python -m zk0.deploy.resident`` worker per SuperNode ("after"),
 submits the same run with ``flwr run`` and reads each round's wall time from the run
 folder's ``metrics.jsonl``. Round 1 can include start-up, so rounds 2+ are compared
 (median). Peak RSS is sampled per node (SuperNode, its ClientApp processes, its worker).
@@ -12,7 +12,7 @@ It also times one cold start in a fresh process: import + policy + dataset, the 
 message pays in "before".
 
 Mode ``direct`` is ``after`` with the SuperNodes dialling the SuperLink's loopback port instead of
-:mod:`zk0.fleet_proxy` (which ``zk0 server start`` puts in front of it): ``after`` / ``direct`` is the
+:mod:`zk0.deploy.fleet_proxy` (which ``zk0 server start`` puts in front of it): ``after`` / ``direct`` is the
 proxy's cost per round.
 
 Run: ``HF_HUB_OFFLINE=1 python bench/deploy_round.py [--models tiny smolvla-size] [--modes after direct]``.
@@ -37,10 +37,10 @@ from pathlib import Path
 import psutil
 
 try:
-    from zk0 import deploy
+    from zk0.deploy import commands, node_folder, processes, server_folder
 except ImportError:  # package not installed: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from zk0 import deploy
+    from zk0.deploy import commands, node_folder, processes, server_folder
 from zk0.tracking import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ class Federation:
         self.node_groups: list[set[int]] = []
 
     def _start(self, folder: Path, name: str, cmd: list[str]) -> int:
-        pid = deploy.start(folder, name, cmd, {**deploy.flower_env(folder / "flwr"), "HF_HUB_OFFLINE": "1"})
+        pid = processes.start(folder, name, cmd, {**commands.flower_env(folder / "flwr"), "HF_HUB_OFFLINE": "1"})
         self.names.append((folder, name))
         return pid
 
@@ -99,43 +99,43 @@ class Federation:
 
     def _start_all(self) -> None:
         server = self.folder / "server"
-        settings = deploy.init_server(server, [], "127.0.0.1", deploy.free_port(), control_port=deploy.free_port())
-        deploy.write_connection(server / "flwr", deploy.control_address(settings), None)
-        self._start(server, "superlink", deploy.superlink_command(server, insecure=True))
-        deploy.wait_listening(server, "superlink", "127.0.0.1", settings.control_port, timeout=60)
-        self._start(server, "fleet-proxy", deploy.fleet_proxy_command(server, insecure=True))
-        deploy.wait_listening(server, "fleet-proxy", "127.0.0.1", settings.port, timeout=60)
+        settings = server_folder.init_server(server, [], "127.0.0.1", processes.free_port(), control_port=processes.free_port())
+        server_folder.write_connection(server / "flwr", server_folder.control_address(settings), None)
+        self._start(server, "superlink", commands.superlink_command(server, insecure=True))
+        processes.wait_listening(server, "superlink", "127.0.0.1", settings.control_port, timeout=60)
+        self._start(server, "fleet-proxy", commands.fleet_proxy_command(server, insecure=True))
+        processes.wait_listening(server, "fleet-proxy", "127.0.0.1", settings.port, timeout=60)
         port = settings.port if self.proxied else settings.control_port
         for i in range(self.nodes):
-            node, appio = self.folder / f"node{i}", deploy.free_port()
+            node, appio = self.folder / f"node{i}", processes.free_port()
             node.mkdir()
-            secret = deploy.runtime_secret(node) if self.resident else None
-            pid = self._start(node, "supernode", deploy.supernode_command(
+            secret = node_folder.runtime_secret(node) if self.resident else None
+            pid = self._start(node, "supernode", commands.supernode_command(
                 f"127.0.0.1:{port}", DATASETS[i % len(DATASETS)], None, None, appio, secret))
             group = {pid}
             if secret:
-                deploy.wait_listening(node, "supernode", "127.0.0.1", appio, timeout=60)
-                group.add(self._start(node, "clientapp", deploy.resident_command(appio, pid, secret)))
+                processes.wait_listening(node, "supernode", "127.0.0.1", appio, timeout=60)
+                group.add(self._start(node, "clientapp", commands.resident_command(appio, pid, secret)))
             self.node_groups.append(group)
 
     def __exit__(self, *_exc: object) -> None:
         for folder, name in reversed(self.names):
-            deploy.stop(folder, name)
+            processes.stop(folder, name)
 
     def flwr(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this SuperLink (connection ``zk0``)."""
-        env = deploy.flower_env(self.folder / "server" / "flwr")
-        return subprocess.run([str(deploy.BIN / "flwr"), *args], env=env, timeout=timeout, capture_output=True,
+        env = commands.flower_env(self.folder / "server" / "flwr")
+        return subprocess.run([str(commands.BIN / "flwr"), *args], env=env, timeout=timeout, capture_output=True,
                               text=True)
 
     def run(self, run_config: str, timeout: float) -> Path:
         """Submit the zk0 app, wait for it, check it completed, and return its run folder."""
         out = self.folder / "outputs"
-        streamed = self.flwr("run", str(ROOT), deploy.CONNECTION, "--stream", "--run-config",
+        streamed = self.flwr("run", str(ROOT), server_folder.CONNECTION, "--stream", "--run-config",
                              f"{run_config} output-dir='{out}'", timeout=timeout)
         (self.folder / "flwr-run.log").write_text(streamed.stdout + streamed.stderr)
         # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink.
-        runs = json.loads(self.flwr("ls", deploy.CONNECTION, "--format", "json", timeout=60).stdout)["runs"]
+        runs = json.loads(self.flwr("ls", server_folder.CONNECTION, "--format", "json", timeout=60).stdout)["runs"]
         if [r["status"] for r in runs] != ["finished:completed"]:
             raise RuntimeError(f"run did not complete: {runs}; see {self.folder}")
         (run_dir,) = out.iterdir()

@@ -1,5 +1,5 @@
 """What the Fleet proxy costs per byte and per call: HTTPS to a stand-in SuperLink directly vs through
-:mod:`zk0.fleet_proxy`, side by side on loopback, each server in its own process as in a deployment.
+:mod:`zk0.deploy.fleet_proxy`, side by side on loopback, each server in its own process as in a deployment.
 
 Three loads, each timed ``--repeats`` times (median): uploading ``--mib`` MiB (a node pushing its
 update), downloading ``--mib`` MiB streamed in 1 MiB chunks (a node pulling the global model), and
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src")]
 from proxyserve import Upstream, serve  # noqa: E402
 
-from zk0 import deploy  # noqa: E402
+from zk0.deploy import processes, server_folder  # noqa: E402
 
 
 def timed(call, repeats: int) -> float:
@@ -66,14 +66,14 @@ def serve_upstream(port: int, folder: Path) -> None:
 
 def start_servers(folder: Path) -> tuple[int, int, list[subprocess.Popen]]:
     """The upstream and the proxy (as ``zk0 server start`` runs it), each its own process; their ports."""
-    upstream, proxy = deploy.free_port(), deploy.free_port()
+    upstream, proxy = processes.free_port(), processes.free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(upstream), str(folder)]),
-             subprocess.Popen([sys.executable, "-m", "zk0.fleet_proxy", "--host", "127.0.0.1", "--port", str(proxy),
+             subprocess.Popen([sys.executable, "-m", "zk0.deploy.fleet_proxy", "--host", "127.0.0.1", "--port", str(proxy),
                                "--upstream", f"https://127.0.0.1:{upstream}", "--certfile", str(folder / "server.crt"),
                                "--keyfile", str(folder / "server.key"), "--cafile", str(folder / "ca.crt")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})]
     deadline = time.monotonic() + 300
-    while not (deploy.accepts("127.0.0.1", upstream) and deploy.accepts("127.0.0.1", proxy)):
+    while not (processes.accepts("127.0.0.1", upstream) and processes.accepts("127.0.0.1", proxy)):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a server did not start"
         time.sleep(0.1)
     return upstream, proxy, procs
@@ -90,7 +90,7 @@ def main() -> None:
     body = os.urandom(args.mib << 20)
     with tempfile.TemporaryDirectory(prefix="zk0-bench-proxy-") as tmp:
         folder = Path(tmp) / "server"
-        deploy.init_server(folder, [], "127.0.0.1", deploy.free_port(), control_port=deploy.free_port())
+        server_folder.init_server(folder, [], "127.0.0.1", processes.free_port(), control_port=processes.free_port())
         upstream_port, proxy_port, procs = start_servers(folder)
         verify = ssl.create_default_context(cafile=folder / "ca.crt")
         results = {}

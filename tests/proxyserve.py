@@ -10,8 +10,8 @@ from pathlib import Path
 
 import uvicorn
 
-from zk0 import deploy
-from zk0.fleet_proxy import FleetProxy, upstream_verify
+from zk0.deploy import processes
+from zk0.deploy.fleet_proxy import FleetProxy, upstream_verify
 
 
 class Upstream:
@@ -58,7 +58,7 @@ def serve(app, port: int, tls: Path | None) -> uvicorn.Server:
 
 def proxy_pair(tls: Path | None) -> tuple[Upstream, int, int, list[uvicorn.Server]]:
     """An upstream and a Fleet proxy in front of it: (upstream, upstream port, proxy port, servers to stop)."""
-    upstream, up_port, proxy_port = Upstream(), deploy.free_port(), deploy.free_port()
+    upstream, up_port, proxy_port = Upstream(), processes.free_port(), processes.free_port()
     scheme = "https" if tls else "http"
     proxy = FleetProxy(f"{scheme}://127.0.0.1:{up_port}", upstream_verify(str(tls / "ca.crt") if tls else None))
     servers = [serve(upstream, up_port, tls), serve(proxy, proxy_port, tls)]

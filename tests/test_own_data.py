@@ -16,7 +16,8 @@ from inprocess import InProcessGrid
 from realworld import LAB, SMOLVLA_BASE_CAMERAS
 from test_integration import run_federation
 
-from zk0 import baseline, client_app
+from zk0 import client_app
+from zk0.tools import baseline
 from zk0.config import RunConfig
 from zk0.tracking import read_metrics
 
@@ -108,7 +109,7 @@ def test_a_node_whose_cameras_feed_nothing_answers_one_short_line(lab_config, la
 def test_zk0_eval_maps_a_datasets_cameras_onto_the_checkpoints(lab_run, lab_registry):
     from typer.testing import CliRunner
 
-    from zk0.cli import app
+    from zk0.cli.app import app
 
     run_dir, _ = lab_run
     args = ["eval", str(run_dir / "checkpoints" / "round_1"), "--dataset", f"local:{lab_registry.parent / UNSEEN}"]

@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from zk0 import data
-from zk0.cli import app
+from zk0.cli.app import app
 from zk0.data import DatasetError
 from zk0.policy import tiny_config
 from zk0.registry import DatasetEntry
@@ -98,7 +98,7 @@ def test_zk0_simulate_refuses_a_bad_registry_file_in_one_line(tmp_path, registry
 ])
 def test_a_misspelt_key_or_bad_value_is_one_line_before_heavy_imports(tmp_path, override, message):
     """A fresh process: the line comes before torch, LeRobot or Ray are imported (fast on a quiet machine)."""
-    code = ("import sys; from zk0.cli import app\ntry:\n    app(['simulate', '-c', sys.argv[1]])\n"
+    code = ("import sys; from zk0.cli.app import app\ntry:\n    app(['simulate', '-c', sys.argv[1]])\n"
             "except SystemExit as e:\n    heavy = [m for m in ('torch', 'lerobot', 'ray') if m in sys.modules]\n"
             "    print('heavy:', heavy, 'exit:', e.code)")
     start = time.monotonic()

@@ -1,3 +1,3 @@
-from zk0.cli import main
+from zk0.cli.app import main
 
 main()

@@ -17,6 +17,7 @@ from zk0.checkpoint import RunFolder, ServerState, model_card, save_checkpoint
 from zk0.config import RunConfig
 from zk0.data import decode_stats, feature_sizes, open_full, outliers, pool_reports
 from zk0.evaluate import evaluate_dataset
+from zk0.flower_seams import set_reply_sender
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.registry import Registry, load_registry
 from zk0.report import progress_line, summary_table
@@ -120,8 +121,7 @@ def send(grid: Grid, cfg: RunConfig, server_round: int, phase: str, messages: li
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else []
     destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     for reply in replies:  # the SuperLink itself answers for a node it lost ("Node Unavailable"): name that node
-        reply.metadata.__dict__["_src_node_id"] = destination.get(reply.metadata.reply_to_message_id,
-                                                                  reply.metadata.src_node_id)
+        set_reply_sender(reply, destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id))
     for node in sorted(set(destination.values()) - {r.metadata.src_node_id for r in replies}):
         log(WARNING, "round %d: node %s sent no %s reply within round-timeout=%.0fs", server_round, node, phase,
             cfg.round_timeout)

@@ -8,7 +8,7 @@ terminates TLS with the SuperLink's certificate, forwards ``POST`` on the exact 
 SuperNode calls, and answers 404 to anything else. Node authentication stays Flower's: the signed
 headers a SuperNode sends pass through untouched and the SuperLink checks them.
 
-Run as ``python -m zk0.fleet_proxy`` by ``zk0 server start``.
+Run as ``python -m zk0.deploy.fleet_proxy`` by ``zk0 server start``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"p
                         b"trailer", b"transfer-encoding", b"upgrade", b"proxy-connection", b"host"})
 BLOCK = 1 << 20  # bytes per forwarded write: 64 KiB writes gave 176 MiB/s uploads on loopback, 1 MiB 285
 NOT_EXPOSED = b'{"detail": "not exposed: this port serves only the Flower Fleet API to SuperNodes"}'
-log = logging.getLogger("zk0.fleet_proxy")
+log = logging.getLogger("zk0.deploy.fleet_proxy")
 
 
 class FleetProxy:
@@ -136,7 +136,7 @@ def upstream_verify(cafile: str | None) -> ssl.SSLContext | bool:
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m zk0.fleet_proxy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m zk0.deploy.fleet_proxy", description=__doc__.split("\n")[0])
     parser.add_argument("--host", required=True, help="Public address to listen on.")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="The SuperLink's loopback URL, e.g. https://127.0.0.1:9093")

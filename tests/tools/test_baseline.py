@@ -10,7 +10,7 @@ from conftest import FAST, ROOT
 from flwr.common.config import get_fused_config_from_dir
 from test_integration import run_federation
 
-from zk0 import baseline
+from zk0.tools import baseline
 from zk0.config import ConfigError, RunConfig
 from zk0.data import open_metadata
 from zk0.registry import RegistryError, load_registry

@@ -1,6 +1,6 @@
 """Compare runs: federated (FedProx, FedAvg) and baselines (centralized, local) side by side.
 
-Every run folder written by the ServerApp or :mod:`zk0.baseline` has the same
+Every run folder written by the ServerApp or :mod:`zk0.tools.baseline` has the same
 ``config.json`` and ``metrics.jsonl`` record shapes, so one reader serves all. Each run is
 labelled by its baseline ``mode`` or, for a federated run, its ``strategy``. The table shows
 round 0 (the untrained policy, which every run evaluates with the same seeds) and the final

@@ -5,10 +5,10 @@ answered 500, e.g. its SQLite state said ``database is locked`` under load) logs
 deactivates itself and returns from ``flower_supernode()``, while the thread serving its local
 runtime API keeps the process alive, doing nothing: the node looks up and never trains again.
 This entry point runs Flower's own ``flower_supernode()`` unchanged and, if it returns, exits with
-:data:`LOST` (75, EX_TEMPFAIL), which :mod:`zk0.supervise` answers by starting it again. A refused
+:data:`LOST` (75, EX_TEMPFAIL), which :mod:`zk0.deploy.supervise` answers by starting it again. A refused
 node (unregistered key, TLS) still exits with Flower's own code and is not restarted.
 
-Run: ``python -m zk0.supernode`` with ``flower-supernode``'s arguments.
+Run: ``python -m zk0.deploy.supernode`` with ``flower-supernode``'s arguments.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
     from flwr.supernode.cli import flower_supernode
 
     flower_supernode()  # returns only when the connection loop ended; a stop or a refusal exits inside it
-    print(f"zk0.supernode: the connection to the SuperLink ended (see the error above); exiting with code {LOST} "
+    print(f"zk0.deploy.supernode: the connection to the SuperLink ended (see the error above); exiting with code {LOST} "
           f"to be started again", file=sys.stderr, flush=True)
     os._exit(LOST)  # not sys.exit: Flower's runtime API thread would keep the process alive
 

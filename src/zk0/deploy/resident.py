@@ -11,7 +11,7 @@ heartbeat, reply and status calls), minus the FAB installation and the process e
 The worker runs its own installed code, never the FAB's, so it refuses (error reply) tasks
 of any other app or zk0 version: a node operator never serves a foreign run by mistake.
 
-Run: ``python -m zk0.resident --appio-api-address 127.0.0.1:9094 --insecure`` next to
+Run: ``python -m zk0.deploy.resident --appio-api-address 127.0.0.1:9094 --insecure`` next to
 ``flower-supernode --isolation process``.
 """
 
@@ -236,7 +236,7 @@ def serve(address: str, insecure: bool, root_certificates: bytes | None, parent_
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m zk0.resident``: flags as ``flwr-clientapp``'s, without a task token."""
+    """``python -m zk0.deploy.resident``: flags as ``flwr-clientapp``'s, without a task token."""
     parser = argparse.ArgumentParser(description="Long-lived zk0 ClientApp worker for a SuperNode "
                                                  "started with --isolation process")
     parser.add_argument("--appio-api-address", "--runtime-api-address", dest="address",

@@ -1,4 +1,4 @@
-"""zk0.resident: the long-lived ClientApp worker of a SuperNode in process isolation.
+"""zk0.deploy.resident: the long-lived ClientApp worker of a SuperNode in process isolation.
 
 Unit tests drive tasks through the worker with Flower's Runtime API calls replaced; the
 deployment e2e tests (tests/test_deploy.py) run resident workers behind real SuperNodes.
@@ -21,7 +21,7 @@ from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from zk0 import resident
+from zk0.deploy import resident
 
 PYPROJECT = (ROOT / "pyproject.toml").read_text()
 

@@ -12,11 +12,12 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
-from zk0 import deploy
+from zk0.cli.common import fail
+from zk0.deploy import commands, node_folder, processes, server_folder
 from zk0.registry import SCHEMES, DatasetEntry, RegistryError, format_camera_map, parse_camera_map
 
 server_app = typer.Typer(no_args_is_help=True, help="Server operator: certificates, SuperLink, robot owners' keys.")
@@ -32,17 +33,12 @@ KNOWN_KEY = "Public key already in use"  # a node key registered before
 SERVER_PROCESSES = ("superlink", "fleet-proxy")  # started in this order, stopped in reverse
 
 
-def fail(message: str) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
-
-
 def superlink(folder: Path) -> Path:
     """The resolved server folder once its SuperLink answers: a stopped one is named in a second, in one line."""
     folder = folder.resolve()
     try:
-        deploy.require_superlink(folder)
-    except deploy.DeployError as err:
+        server_folder.require_superlink(folder)
+    except processes.DeployError as err:
         fail(str(err))
     return folder
 
@@ -55,8 +51,8 @@ def flwr(folder: Path, *args: str, timeout: float = FLWR_TIMEOUT, known: dict[st
     ``timeout`` ends it with one line too.
     """
     try:
-        proc = subprocess.run([str(deploy.BIN / "flwr"), *args, "--format", "json"],
-                              env=deploy.flower_env(folder / "flwr"), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([str(commands.BIN / "flwr"), *args, "--format", "json"],
+                              env=commands.flower_env(folder / "flwr"), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         fail(f"flwr {args[0]} did not answer within {timeout:.0f}s (is the machine overloaded?); try again")
     try:
@@ -87,13 +83,13 @@ def server_init(
 ) -> None:
     """Create the federation's CA, the SuperLink's TLS certificate and the `flwr` connection `zk0`."""
     folder = folder.resolve()
-    ca_dir = (ca_dir or deploy.default_ca_dir(folder)).resolve()
+    ca_dir = (ca_dir or server_folder.default_ca_dir(folder)).resolve()
     try:
-        settings = deploy.init_server(folder, host or [], bind, port, ca_dir, control_port)
-    except deploy.DeployError as err:
+        settings = server_folder.init_server(folder, host or [], bind, port, ca_dir, control_port)
+    except processes.DeployError as err:
         fail(str(err))
     typer.echo(f"server folder {folder}: certificate for {', '.join(settings.hosts)}; nodes will dial {bind}:{port} "
-               f"(Fleet API only); the Control API stays on {deploy.control_address(settings)}")
+               f"(Fleet API only); the Control API stays on {server_folder.control_address(settings)}")
     typer.echo(f"CA key in {ca_dir / 'ca.key'}: move that folder offline (it only signs server certificates)")
     typer.echo(f"give robot owners {folder / 'ca.crt'}; next: zk0 server start -d {folder}")
 
@@ -108,38 +104,38 @@ def server_start(
     the Fleet proxy that alone faces the network."""
     folder = folder.resolve()
     try:
-        settings = deploy.server_settings(folder)
+        settings = server_folder.server_settings(folder)
         for name in SERVER_PROCESSES:
-            if (running := deploy.running_pid(folder, name)) is not None:
+            if (running := processes.running_pid(folder, name)) is not None:
                 fail(f"{name} already runs from {folder} (PID {running}); `zk0 server stop -d {folder}` first")
-            if (group := deploy.orphaned_group(folder, name)) is not None:
+            if (group := processes.orphaned_group(folder, name)) is not None:
                 fail(f"processes of a {name} that died still run (process group {group}, e.g. a ServerApp): "
                      f"`zk0 server stop -d {folder}` ends them")
-        if leftover := deploy.serverapp_processes(settings):
+        if leftover := server_folder.serverapp_processes(settings):
             fail(f"ServerApp processes of a SuperLink that died still run (PIDs {', '.join(map(str, leftover))}); "
                  f"they exit within seconds by themselves, or `zk0 server stop -d {folder}` ends them")
-        deploy.require_no_ca_key(folder)
+        server_folder.require_no_ca_key(folder)
         if insecure:
             typer.secho("warning: --insecure: traffic is unencrypted and any SuperNode may join", fg="yellow", err=True)
-        deploy.write_connection(folder / "flwr", deploy.control_address(settings), None if insecure else folder / "ca.crt")
+        server_folder.write_connection(folder / "flwr", server_folder.control_address(settings), None if insecure else folder / "ca.crt")
         pid = start_server_processes(folder, settings, insecure)
-    except deploy.DeployError as err:
+    except processes.DeployError as err:
         fail(str(err))
-    typer.echo(f"SuperLink running (PID {pid}) on {deploy.control_address(settings)} (Control API: this machine "
+    typer.echo(f"SuperLink running (PID {pid}) on {server_folder.control_address(settings)} (Control API: this machine "
                f"only); nodes dial {settings.bind}:{settings.port} (Fleet API only); logs in {folder / 'logs'}")
 
 
-def start_server_processes(folder: Path, settings: deploy.ServerSettings, insecure: bool) -> int:
+def start_server_processes(folder: Path, settings: server_folder.ServerSettings, insecure: bool) -> int:
     """The SuperLink, then the Fleet proxy in front of it; the SuperLink's PID. Both or neither keep running."""
-    env = deploy.flower_env(folder / "flwr")
-    pid = deploy.start(folder, "superlink", deploy.superlink_command(folder, insecure), env)
+    env = commands.flower_env(folder / "flwr")
+    pid = processes.start(folder, "superlink", commands.superlink_command(folder, insecure), env)
     try:
-        deploy.wait_listening(folder, "superlink", "127.0.0.1", settings.control_port, timeout=60)
-        deploy.start(folder, "fleet-proxy", deploy.fleet_proxy_command(folder, insecure), env)
-        deploy.wait_listening(folder, "fleet-proxy", deploy.local_host(settings), settings.port, timeout=60)
-    except deploy.DeployError:
+        processes.wait_listening(folder, "superlink", "127.0.0.1", settings.control_port, timeout=60)
+        processes.start(folder, "fleet-proxy", commands.fleet_proxy_command(folder, insecure), env)
+        processes.wait_listening(folder, "fleet-proxy", server_folder.local_host(settings), settings.port, timeout=60)
+    except processes.DeployError:
         for name in reversed(SERVER_PROCESSES):
-            deploy.stop(folder, name)
+            processes.stop(folder, name)
         raise
     return pid
 
@@ -154,11 +150,11 @@ def server_add_node(
     if not public_key.is_file():
         fail(f"public key file {public_key} not found; the robot owner gets it from `zk0 client keygen`")
     folder = superlink(folder)
-    args = ["supernode", "register", str(public_key.resolve()), deploy.CONNECTION] + (["--name", name] if name else [])
+    args = ["supernode", "register", str(public_key.resolve()), server_folder.CONNECTION] + (["--name", name] if name else [])
     again = f"{public_key} is already registered with this SuperLink; `zk0 status -d {folder}` lists its nodes"
     node_id = str(flwr(folder, *args, known={KNOWN_KEY: again})["node-id"])
     if name:
-        deploy.name_node(folder, node_id, name)
+        server_folder.name_node(folder, node_id, name)
     typer.echo(f"registered node {node_id}" + (f" ({name})" if name else ""))
 
 
@@ -166,11 +162,11 @@ def server_add_node(
 def server_stop(folder: ServerDir = DEFAULT_SERVER) -> None:
     """Stop the Fleet proxy and the SuperLink started from this folder, and the ServerApps it runs."""
     folder = folder.resolve()
-    stopped = [name for name in reversed(SERVER_PROCESSES) if deploy.stop(folder, name)]
+    stopped = [name for name in reversed(SERVER_PROCESSES) if processes.stop(folder, name)]
     try:
-        if deploy.stop_serverapps(deploy.server_settings(folder)):
+        if server_folder.stop_serverapps(server_folder.server_settings(folder)):
             stopped.append("ServerApp processes")
-    except deploy.DeployError as err:
+    except processes.DeployError as err:
         fail(str(err))
     typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running from this folder")
 
@@ -182,8 +178,8 @@ def server_stop(folder: ServerDir = DEFAULT_SERVER) -> None:
 def client_keygen(folder: ClientDir = DEFAULT_CLIENT) -> None:
     """Write this node's key pair and print the public key to send to the server operator."""
     try:
-        line = deploy.keygen(folder.resolve())
-    except deploy.DeployError as err:
+        line = node_folder.keygen(folder.resolve())
+    except processes.DeployError as err:
         fail(str(err))
     typer.echo(line)
     typer.echo(f"send {folder.resolve() / 'node_key.pub'} to the operator (`zk0 server add-node`); keep node_key",
@@ -211,7 +207,7 @@ def client_start(
 ) -> None:
     """Start a SuperNode serving one dataset to the federation, once the dataset is checked against the policy."""
     folder = folder.resolve()
-    if (running := deploy.running_pid(folder, "supernode")) is not None:
+    if (running := processes.running_pid(folder, "supernode")) is not None:
         fail(f"a SuperNode already runs from {folder} (PID {running}); `zk0 client stop -d {folder}` first")
     try:
         entry = DatasetEntry(uri=dataset, cameras=parse_camera_map(camera or []))
@@ -231,26 +227,26 @@ def client_start(
             fail(f"node key {key} not found; run `zk0 client keygen -d {folder}` and send node_key.pub to the operator")
         ca = ca.resolve()
     cameras = format_camera_map(check_node_data(entry, model))
-    appio = deploy.free_port()
-    env = deploy.flower_env(folder / "flwr")
+    appio = processes.free_port()
+    env = commands.flower_env(folder / "flwr")
     folder.mkdir(parents=True, exist_ok=True)
-    secret = deploy.runtime_secret(folder) if resident else None
+    secret = node_folder.runtime_secret(folder) if resident else None
     started: list[str] = []
     try:
-        pid = deploy.start(folder, "supernode",
-                           deploy.supernode_command(server, dataset, ca, key, appio, secret, cameras), env)
+        pid = processes.start(folder, "supernode",
+                           commands.supernode_command(server, dataset, ca, key, appio, secret, cameras), env)
         started.append("supernode")
         if secret:
-            deploy.wait_listening(folder, "supernode", "127.0.0.1", appio, timeout=60)
-            deploy.start(folder, "clientapp", deploy.resident_command(appio, pid, secret), env)
+            processes.wait_listening(folder, "supernode", "127.0.0.1", appio, timeout=60)
+            processes.start(folder, "clientapp", commands.resident_command(appio, pid, secret), env)
             started.append("clientapp")
-        node_id = deploy.wait_connected(folder, "supernode", wait)
+        node_id = node_folder.wait_connected(folder, "supernode", wait)
         if node_id is None:
-            raise deploy.DeployError(f"not connected to {server} within {wait:.0f}s, stopped")
-    except deploy.DeployError as err:
+            raise processes.DeployError(f"not connected to {server} within {wait:.0f}s, stopped")
+    except processes.DeployError as err:
         for name in reversed(started):  # only what this call started
-            deploy.stop(folder, name)
-        fail(f"{err}\nwhy: {deploy.why_not_connected(server, ca)}")
+            processes.stop(folder, name)
+        fail(f"{err}\nwhy: {node_folder.why_not_connected(server, ca)}")
     typer.echo(f"SuperNode {node_id} (PID {pid}) serves {dataset} to {server}; logs in {folder / 'logs'}")
 
 
@@ -261,7 +257,7 @@ def check_node_data(entry: DatasetEntry, model: str | None) -> dict[str, str]:
     the policy, a video that does not decode, under 2 episodes) would fail every round, and its
     owner would see it only in the server's log.
     """
-    from zk0.cli import settle_config
+    from zk0.cli.common import settle_config
 
     _, cfg = settle_config({"model-name": model} if model else {}, None)
     from zk0.data import DatasetError, describe_cameras, open_metadata, preflight
@@ -281,7 +277,7 @@ def check_node_data(entry: DatasetEntry, model: str | None) -> dict[str, str]:
 def client_stop(folder: ClientDir = DEFAULT_CLIENT) -> None:
     """Stop this folder's SuperNode and its resident ClientApp."""
     folder = folder.resolve()
-    stopped = [name for name in ("clientapp", "supernode") if deploy.stop(folder, name)]
+    stopped = [name for name in ("clientapp", "supernode") if processes.stop(folder, name)]
     typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running from this folder")
 
 
@@ -297,7 +293,7 @@ def submit(
     detach: Annotated[bool, typer.Option("--detach", help="Submit and return; watch with `zk0 status`.")] = False,
 ) -> None:
     """Submit the zk0 app to the federation; follow its log and exit non-zero unless it completes."""
-    from zk0.cli import check_setup, parse_overrides, settle_config
+    from zk0.cli.common import check_setup, parse_overrides, settle_config
 
     folder = superlink(folder)
     overrides = parse_overrides(run_config)
@@ -310,7 +306,7 @@ def submit(
     config_file.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in config.items()))
     from zk0.registry import default_pyproject
 
-    reply = flwr(folder, "run", str(default_pyproject().parent), deploy.CONNECTION, "--run-config", str(config_file))
+    reply = flwr(folder, "run", str(default_pyproject().parent), server_folder.CONNECTION, "--run-config", str(config_file))
     run_id = int(reply["run-id"])
     typer.echo(f"run {run_id} submitted")
     if not detach:
@@ -328,14 +324,14 @@ def _toml(value: object) -> str:
 def run_status(folder: Path, run_id: int) -> str:
     """The run's status as Flower reports it (e.g. ``finished:completed``); an unknown run ends the command."""
     unknown = f"run {run_id} is not a run of the SuperLink in {folder}; `zk0 status -d {folder}` lists its runs"
-    (row,) = flwr(folder, "ls", deploy.CONNECTION, "--run-id", str(run_id), known={UNKNOWN_RUN: unknown})["runs"]
+    (row,) = flwr(folder, "ls", server_folder.CONNECTION, "--run-id", str(run_id), known={UNKNOWN_RUN: unknown})["runs"]
     return row["status"]
 
 
 def follow(folder: Path, run_id: int, poll: float = 3.0) -> str:
     """Stream the run's log until the SuperLink reports it finished; its final status."""
-    logs = subprocess.Popen([str(deploy.BIN / "flwr"), "log", str(run_id), deploy.CONNECTION, "--stream"],
-                            env=deploy.flower_env(folder / "flwr"))
+    logs = subprocess.Popen([str(commands.BIN / "flwr"), "log", str(run_id), server_folder.CONNECTION, "--stream"],
+                            env=commands.flower_env(folder / "flwr"))
     try:
         while not (status := run_status(folder, run_id)).startswith(FINISHED):
             time.sleep(poll)
@@ -353,14 +349,14 @@ def status(folder: ServerDir = DEFAULT_SERVER) -> None:
     folder = superlink(folder)
     progress = run_progress(folder / "runs")
     typer.echo("runs:")
-    for run in flwr(folder, "ls", deploy.CONNECTION)["runs"]:
+    for run in flwr(folder, "ls", server_folder.CONNECTION)["runs"]:
         done = progress.get(int(run["run-id"]), {})
         rounds = f"round {done['round']}" if "round" in done else "no round yet"
         moved = f"sent {human_bytes(done.get('sent', 0))}, received {human_bytes(done.get('received', 0))}"
         typer.echo(f"  {run['run-id']}  {run['status']:<22} {rounds:<12} {moved}  {done.get('folder', '')}")
     typer.echo("nodes:")
-    names = deploy.node_names(folder)
-    for node in flwr(folder, "supernode", "ls", deploy.CONNECTION)["nodes"]:
+    names = server_folder.node_names(folder)
+    for node in flwr(folder, "supernode", "ls", server_folder.CONNECTION)["nodes"]:
         typer.echo(f"  {node['node-id']}  {node['status']:<10} {names.get(node['node-id'], '')}")
 
 
@@ -387,8 +383,8 @@ def logs(
 ) -> None:
     """Print a run's ServerApp log."""
     folder = superlink(folder)
-    proc = subprocess.run([str(deploy.BIN / "flwr"), "log", str(run_id), deploy.CONNECTION,
-                           "--stream" if follow_ else "--show"], env=deploy.flower_env(folder / "flwr"))
+    proc = subprocess.run([str(commands.BIN / "flwr"), "log", str(run_id), server_folder.CONNECTION,
+                           "--stream" if follow_ else "--show"], env=commands.flower_env(folder / "flwr"))
     raise typer.Exit(proc.returncode)
 
 
@@ -404,5 +400,5 @@ def stop_run(
     if (state := run_status(folder, run_id)).startswith(FINISHED):
         typer.echo(f"run {run_id} already finished ({state})")
         return
-    flwr(folder, "stop", str(run_id), deploy.CONNECTION)
+    flwr(folder, "stop", str(run_id), server_folder.CONNECTION)
     typer.echo(f"run {run_id} stopped")

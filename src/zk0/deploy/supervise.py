@@ -3,7 +3,7 @@
 A SuperNode started with ``--isolation process`` never starts a ClientApp itself: if its worker
 dies (killed, out of memory), the node stays "online" and answers every message with ``ClientApp
 stopped responding`` until someone restarts it. And a SuperNode whose connection to the SuperLink
-failed after it joined exits (:mod:`zk0.supernode`) and must be started again to rejoin.
+failed after it joined exits (:mod:`zk0.deploy.supernode`) and must be started again to rejoin.
 ``zk0 client start`` therefore runs both under this supervisor, the process their PID files name:
 a child that dies while ``--parent-pid`` lives is started again after 1, 2, 4 … up to
 ``--max-backoff`` seconds (back to 1 once it has run ``--stable-after`` seconds), and
@@ -12,7 +12,7 @@ a child that dies while ``--parent-pid`` lives is started again after 1, 2, 4 �
 the supervisor with that code (a SuperNode refused by the SuperLink). SIGTERM (``zk0 client stop``)
 stops the child and the supervisor.
 
-Run: ``python -m zk0.supervise [--parent-pid PID] [--restart-on 75] -- COMMAND …``.
+Run: ``python -m zk0.deploy.supervise [--parent-pid PID] [--restart-on 75] -- COMMAND …``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Supervisor:
 
     @property
     def name(self) -> str:
-        """What the log calls the child: ``zk0.resident`` for ``python -m zk0.resident``."""
+        """What the log calls the child: ``zk0.deploy.resident`` for ``python -m zk0.deploy.resident``."""
         return self.cmd[2] if self.cmd[1:2] == ["-m"] else os.path.basename(self.cmd[0])
 
     def stop(self, *_: object) -> None:
@@ -114,11 +114,11 @@ def describe_exit(code: int) -> str:
 
 
 def say(line: str) -> None:
-    print(f"zk0.supervise: {line}", file=sys.stderr, flush=True)
+    print(f"zk0.deploy.supervise: {line}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m zk0.supervise", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m zk0.deploy.supervise", description=__doc__.split("\n")[0])
     parser.add_argument("--parent-pid", type=int, help="stop when this process (the SuperNode) exits")
     parser.add_argument("--max-backoff", type=float, default=60.0, help="longest wait before a restart (s)")
     parser.add_argument("--stable-after", type=float, default=120.0,

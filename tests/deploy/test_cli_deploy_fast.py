@@ -18,9 +18,9 @@ import synthetic
 from flwr.common.config import parse_config_args
 from typer.testing import CliRunner
 
-from zk0 import deploy
-from zk0.cli import app
-from zk0.cli_deploy import check_node_data
+from zk0.deploy import commands, node_folder, processes, server_folder
+from zk0.cli.app import app
+from zk0.cli.deploy import check_node_data
 from zk0.registry import DatasetEntry, format_camera_map, parse_camera_map
 
 HEAVY = ("torch", "lerobot")  # what a fail path that only parses options must not import
@@ -70,7 +70,7 @@ def test_client_start_refuses_bad_options_in_one_line_before_heavy_imports(tmp_p
 ], ids=["unmapped", "absent-camera", "not-a-policy-camera"])
 def test_client_start_refuses_data_no_policy_camera_can_see(tmp_path, top_only, cameras, expected):
     folder = tmp_path / "node"
-    deploy.keygen(folder)
+    node_folder.keygen(folder)
     (tmp_path / "ca.crt").write_text("checked by the SuperNode only")
     args = ["client", "start", "-d", str(folder), "--server", "127.0.0.1:1", "--ca", str(tmp_path / "ca.crt"),
             "--dataset", f"local:{top_only}", *[arg for cam in cameras for arg in ("--camera", cam)]]
@@ -90,7 +90,7 @@ def test_a_remapped_camera_is_checked_described_and_reaches_the_node_config(tmp_
     described = capsys.readouterr().out
     assert "observation.images.top -> observation.images.front" in described
     assert "observation.images.wrist -> observation.images.wrist" in described
-    cmd = deploy.supernode_command("127.0.0.1:1", entry.uri, None, None, 1, None, format_camera_map(renames))
+    cmd = commands.supernode_command("127.0.0.1:1", entry.uri, None, None, 1, None, format_camera_map(renames))
     node_config = parse_config_args([cmd[cmd.index("--node-config") + 1]])  # as flower-supernode parses it
     assert node_config["dataset"] == entry.uri and parse_camera_map(node_config["cameras"]) == renames
 
@@ -99,8 +99,8 @@ def test_a_remapped_camera_is_checked_described_and_reaches_the_node_config(tmp_
 def stopped_server(tmp_path) -> Path:
     """A server folder made by `zk0 server init` whose SuperLink was never started."""
     folder = tmp_path / "server"
-    deploy.init_server(folder, [], "127.0.0.1", deploy.free_port(), control_port=deploy.free_port())
-    deploy.keygen(tmp_path / "node")
+    server_folder.init_server(folder, [], "127.0.0.1", processes.free_port(), control_port=processes.free_port())
+    node_folder.keygen(tmp_path / "node")
     return folder
 
 
@@ -114,7 +114,7 @@ def test_commands_name_a_stopped_superlink_at_once(stopped_server, command):
     proc = subprocess.run([str(Path(sys.executable).parent / "zk0"), *args, "-d", str(stopped_server)],
                           capture_output=True, text=True, timeout=300)
     elapsed = time.monotonic() - started
-    port = deploy.server_settings(stopped_server).control_port
+    port = server_folder.server_settings(stopped_server).control_port
     assert proc.returncode == 1 and proc.stderr.strip() == (
         f"error: no SuperLink is running from {stopped_server} (nothing listens on 127.0.0.1:{port}): "
         f"start it with `zk0 server start -d {stopped_server}`"), proc.stderr
@@ -124,7 +124,7 @@ def test_commands_name_a_stopped_superlink_at_once(stopped_server, command):
 def test_a_port_taken_by_another_process_is_not_our_superlink(stopped_server):
     import socket
 
-    port = deploy.server_settings(stopped_server).control_port
+    port = server_folder.server_settings(stopped_server).control_port
     with socket.socket() as other:
         other.bind(("127.0.0.1", port))
         other.listen()
@@ -134,11 +134,11 @@ def test_a_port_taken_by_another_process_is_not_our_superlink(stopped_server):
 
 
 def test_node_names_are_kept_private_and_merged(tmp_path):
-    deploy.name_node(tmp_path, "11", "alice")
-    deploy.name_node(tmp_path, "22", "bob")
-    assert deploy.node_names(tmp_path) == {"11": "alice", "22": "bob"}
-    assert (tmp_path / deploy.NODES).stat().st_mode & 0o777 == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == [deploy.NODES], "no staging file is left behind"
+    server_folder.name_node(tmp_path, "11", "alice")
+    server_folder.name_node(tmp_path, "22", "bob")
+    assert server_folder.node_names(tmp_path) == {"11": "alice", "22": "bob"}
+    assert (tmp_path / server_folder.NODES).stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == [server_folder.NODES], "no staging file is left behind"
 
 
 def mode(path: Path) -> int:
@@ -160,11 +160,11 @@ def test_server_init_keeps_the_ca_key_out_of_the_server_folder(tmp_path):
 def test_only_the_fleet_proxy_listens_on_the_public_address(tmp_path):
     """Whatever ``--bind`` says, the SuperLink (and its unauthenticated Control API) listens on loopback."""
     folder = tmp_path / "srv"
-    settings = deploy.init_server(folder, ["robots.example.org"], "0.0.0.0", 9092)
-    assert settings.control_port == 9093 and deploy.control_address(settings) == "127.0.0.1:9093"
-    superlink = deploy.superlink_command(folder, insecure=False)
+    settings = server_folder.init_server(folder, ["robots.example.org"], "0.0.0.0", 9092)
+    assert settings.control_port == 9093 and server_folder.control_address(settings) == "127.0.0.1:9093"
+    superlink = commands.superlink_command(folder, insecure=False)
     assert superlink[superlink.index("--host") + 1:superlink.index("--port") + 2] == ["127.0.0.1", "--port", "9093"]
-    proxy = deploy.fleet_proxy_command(folder, insecure=False)
+    proxy = commands.fleet_proxy_command(folder, insecure=False)
     assert proxy[proxy.index("--host") + 1:proxy.index("--port") + 2] == ["0.0.0.0", "--port", "9092"]
     assert proxy[proxy.index("--upstream") + 1] == "https://127.0.0.1:9093"
     assert 'address = "127.0.0.1:9093"' in (folder / "flwr" / "config.toml").read_text()
@@ -180,19 +180,19 @@ def test_server_init_refuses_a_ca_dir_inside_the_server_folder(tmp_path):
 
 def test_server_start_refuses_a_folder_holding_the_ca_key(tmp_path):
     folder = tmp_path / "srv"
-    deploy.init_server(folder, [], "127.0.0.1", deploy.free_port(), control_port=deploy.free_port())
+    server_folder.init_server(folder, [], "127.0.0.1", processes.free_port(), control_port=processes.free_port())
     (tmp_path / "srv-ca" / "ca.key").rename(folder / "ca.key")  # as folders made before the CA moved out
     result = CliRunner().invoke(app, ["server", "start", "-d", str(folder)])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "ca.key is in the SuperLink's folder" in result.stderr and "srv-ca/" in result.stderr
-    assert deploy.running_pid(folder, "superlink") is None
+    assert processes.running_pid(folder, "superlink") is None
 
 
 def test_processes_zk0_starts_create_owner_only_files(tmp_path):
     folder = tmp_path / "proc"
     folder.mkdir()
     script = "open('made-by-child', 'w').write('x')"
-    deploy.start(folder, "child", [sys.executable, "-c", script], {"PATH": "/usr/bin:/bin"})
+    processes.start(folder, "child", [sys.executable, "-c", script], {"PATH": "/usr/bin:/bin"})
     made = folder / "made-by-child"
     deadline = time.monotonic() + 120
     while not made.exists() and time.monotonic() < deadline:
@@ -215,36 +215,36 @@ def group_members(group: int) -> list[int]:
 def test_a_dead_leaders_orphans_are_refused_then_stopped(tmp_path):
     """A SuperLink killed with SIGKILL leaves its children (ServerApps) in its process group."""
     folder = tmp_path / "srv"
-    deploy.init_server(folder, [], "127.0.0.1", deploy.free_port(), control_port=deploy.free_port())
+    server_folder.init_server(folder, [], "127.0.0.1", processes.free_port(), control_port=processes.free_port())
     child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); " \
             "time.sleep(600)"
-    leader = deploy.start(folder, "superlink", [sys.executable, "-c", child], {"PATH": "/usr/bin:/bin"})
+    leader = processes.start(folder, "superlink", [sys.executable, "-c", child], {"PATH": "/usr/bin:/bin"})
     deadline = time.monotonic() + 120
     while len(group_members(leader)) < 2:
         assert time.monotonic() < deadline, "the child never started"
         time.sleep(0.1)
     os.kill(leader, signal.SIGKILL)
-    deploy._group_alive(leader)  # reap the leader (our child in this test)
-    assert deploy.running_pid(folder, "superlink") is None and deploy.orphaned_group(folder, "superlink") == leader
+    processes._group_alive(leader)  # reap the leader (our child in this test)
+    assert processes.running_pid(folder, "superlink") is None and processes.orphaned_group(folder, "superlink") == leader
     refused = CliRunner().invoke(app, ["server", "start", "-d", str(folder)])
     assert refused.exit_code == 1 and f"process group {leader}" in refused.stderr
-    assert deploy.stop(folder, "superlink", timeout=30)
-    assert not deploy._group_alive(leader) and deploy.orphaned_group(folder, "superlink") is None
+    assert processes.stop(folder, "superlink", timeout=30)
+    assert not processes._group_alive(leader) and processes.orphaned_group(folder, "superlink") is None
 
 
 def test_serverapps_of_this_superlink_are_found_by_their_control_port_and_stopped(tmp_path):
     """Flower's SuperExec runs in a session of its own, outside the SuperLink's process group."""
-    settings = deploy.init_server(tmp_path / "srv", [], "127.0.0.1", deploy.free_port(), control_port=deploy.free_port())
+    settings = server_folder.init_server(tmp_path / "srv", [], "127.0.0.1", processes.free_port(), control_port=processes.free_port())
     fake = tmp_path / "flwr-serverapp"
     fake.write_text("import time\ntime.sleep(600)\n")
-    ours = subprocess.Popen([sys.executable, str(fake), "--runtime-api-address", deploy.control_address(settings)])
+    ours = subprocess.Popen([sys.executable, str(fake), "--runtime-api-address", server_folder.control_address(settings)])
     other = subprocess.Popen([sys.executable, str(fake), "--runtime-api-address", "127.0.0.1:1"])
     try:
         deadline = time.monotonic() + 120
-        while deploy.serverapp_processes(settings) != [ours.pid]:
-            assert time.monotonic() < deadline, deploy.serverapp_processes(settings)
+        while server_folder.serverapp_processes(settings) != [ours.pid]:
+            assert time.monotonic() < deadline, server_folder.serverapp_processes(settings)
             time.sleep(0.05)
-        assert deploy.stop_serverapps(settings) == [ours.pid]
+        assert server_folder.stop_serverapps(settings) == [ours.pid]
         assert ours.wait(timeout=120) == -signal.SIGTERM and other.poll() is None
     finally:
         ours.kill()

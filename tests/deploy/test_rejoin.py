@@ -16,7 +16,7 @@ from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatResponse  # pylint: disabl
 from proxyserve import serve
 from waits import wait_for
 
-from zk0 import deploy
+from zk0.deploy import commands, processes
 
 pytestmark = pytest.mark.e2e
 PROTOBUF = [(b"content-type", b"application/protobuf")]
@@ -53,12 +53,12 @@ class FlakyFleet:
 
 
 def start_node(folder, port: int) -> int:
-    cmd = deploy.supernode_command(f"127.0.0.1:{port}", "embedded:red-pick", None, None, deploy.free_port(), None)
-    return deploy.start(folder, "supernode", cmd, deploy.flower_env(folder / "flwr"))
+    cmd = commands.supernode_command(f"127.0.0.1:{port}", "embedded:red-pick", None, None, processes.free_port(), None)
+    return processes.start(folder, "supernode", cmd, commands.flower_env(folder / "flwr"))
 
 
 def test_a_supernode_that_loses_its_superlink_rejoins(tmp_path):
-    fleet, port = FlakyFleet(), deploy.free_port()
+    fleet, port = FlakyFleet(), processes.free_port()
     server = serve(fleet, port, None)
     try:
         start_node(tmp_path, port)
@@ -68,20 +68,20 @@ def test_a_supernode_that_loses_its_superlink_rejoins(tmp_path):
         text = log.read_text()
         assert "database is locked" in text or "500" in text
         assert "the connection to the SuperLink ended" in text and re.search(r"exited with code 75 after", text)
-        assert deploy.running_pid(tmp_path, "supernode") is not None, "the node is up again"
+        assert processes.running_pid(tmp_path, "supernode") is not None, "the node is up again"
     finally:
-        deploy.stop(tmp_path, "supernode")
+        processes.stop(tmp_path, "supernode")
         server.should_exit = True
 
 
 def test_a_refused_supernode_is_not_restarted(tmp_path):
-    fleet, port = FlakyFleet(refuse=True), deploy.free_port()
+    fleet, port = FlakyFleet(refuse=True), processes.free_port()
     server = serve(fleet, port, None)
     try:
         start_node(tmp_path, port)
-        wait_for(lambda: deploy.running_pid(tmp_path, "supernode") is None, "the refused SuperNode to exit")
+        wait_for(lambda: processes.running_pid(tmp_path, "supernode") is None, "the refused SuperNode to exit")
         assert fleet.calls.count("activate-node") == 1
         assert "not restarted" in (tmp_path / "logs" / "supernode.log").read_text()
     finally:
-        deploy.stop(tmp_path, "supernode")
+        processes.stop(tmp_path, "supernode")
         server.should_exit = True

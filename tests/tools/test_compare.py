@@ -7,7 +7,7 @@ import json
 import pytest
 from test_baseline import shared_runs
 
-from zk0.compare import CompareError, compare, load_run
+from zk0.tools.compare import CompareError, compare, load_run
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,11 @@ from typing import Annotated
 
 import typer
 
+from zk0.cli.common import fail
+
 data_app = typer.Typer(no_args_is_help=True, help="Record simulator datasets and validate LeRobot datasets.")
 
 MIN_EXPERT_SUCCESS = 0.95
-
-
-def fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
 
 
 def simulator_task_names(tasks: list[str] | None) -> list[str]:
@@ -75,7 +72,7 @@ def generate(
 @data_app.command("check")
 def check(uris: Annotated[list[str], typer.Argument(help="hf:user/name, local:/path or embedded:<task>.")]) -> None:
     """Validate datasets and look for episodes shared between them; exit status 1 on any issue."""
-    from zk0.datacheck import run_check
+    from zk0.tools.datacheck import run_check
 
     lines, ok = run_check(uris)
     typer.echo("\n".join(lines))

@@ -19,7 +19,7 @@ import pytest
 import synthetic
 import torch
 
-from zk0 import deploy
+from zk0.deploy import commands, processes, server_folder
 from zk0.audit import read_audit
 from zk0.registry import default_pyproject
 from zk0.tracking import read_metrics
@@ -70,7 +70,7 @@ class Federation:
 
     def __init__(self, root: Path) -> None:
         self.root, self.server = root, root / "server"
-        self.port = deploy.free_port()
+        self.port = processes.free_port()
         self.clients: list[Path] = []
 
     def start_client(self, i: int, *extra: str, dataset: str = "", check: bool = True) -> subprocess.CompletedProcess:
@@ -86,8 +86,8 @@ class Federation:
     def stop_all(self) -> None:
         for folder in self.clients:
             for name in ("clientapp", "supernode"):
-                deploy.stop(folder, name)
-        deploy.stop(self.server, "superlink")
+                processes.stop(folder, name)
+        processes.stop(self.server, "superlink")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def federation(tmp_path_factory):
     renamed = synthetic.generate(synthetic.TASKS["blue-center"], fed.root / RENAMED, episodes=4, frames=20,
                                  image_size=64, seed=7, cameras=("top", "wrist"))
     try:
-        zk0("server", "init", str(fed.server), "--port", str(fed.port), "--control-port", str(deploy.free_port()))
+        zk0("server", "init", str(fed.server), "--port", str(fed.port), "--control-port", str(processes.free_port()))
         zk0("server", "start", "-d", str(fed.server))
         for i in range(3):
             zk0("client", "keygen", "-d", str(fed.root / f"node{i}"))
@@ -115,8 +115,8 @@ def federation(tmp_path_factory):
 def outsider_flwr(federation, home: Path, *args: str) -> str:
     """``flwr ARGS`` as someone holding only ``ca.crt`` and the public address; its output (it must fail)."""
     home.mkdir(exist_ok=True)
-    deploy.write_connection(home, f"127.0.0.1:{federation.port}", federation.server / "ca.crt")
-    proc = subprocess.run([str(deploy.BIN / "flwr"), *args, "--format", "json"], env=deploy.flower_env(home),
+    server_folder.write_connection(home, f"127.0.0.1:{federation.port}", federation.server / "ca.crt")
+    proc = subprocess.run([str(commands.BIN / "flwr"), *args, "--format", "json"], env=commands.flower_env(home),
                           capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 or '"success": false' in out, f"flwr {' '.join(args)} was not refused:\n{out}"
@@ -147,13 +147,13 @@ def test_two_nodes_run_two_rounds_while_an_outsider_with_ca_crt_is_refused_every
                       .split()[-1], 120, "the run id")
     zk0("client", "keygen", "-d", str(tmp_path / "intruder"))
     home, app = tmp_path / "flwr", str(default_pyproject().parent)
-    node_id = next(k for k, name in deploy.node_names(federation.server).items() if name == NAMES[0])
-    refusals = [outsider_flwr(federation, home, "ls", deploy.CONNECTION),
+    node_id = next(k for k, name in server_folder.node_names(federation.server).items() if name == NAMES[0])
+    refusals = [outsider_flwr(federation, home, "ls", server_folder.CONNECTION),
                 outsider_flwr(federation, home, "supernode", "register", str(tmp_path / "intruder" / "node_key.pub"),
-                              deploy.CONNECTION),
-                outsider_flwr(federation, home, "stop", run_id, deploy.CONNECTION),
-                outsider_flwr(federation, home, "supernode", "unregister", node_id, deploy.CONNECTION),
-                outsider_flwr(federation, home, "run", app, deploy.CONNECTION)]
+                              server_folder.CONNECTION),
+                outsider_flwr(federation, home, "stop", run_id, server_folder.CONNECTION),
+                outsider_flwr(federation, home, "supernode", "unregister", node_id, server_folder.CONNECTION),
+                outsider_flwr(federation, home, "run", app, server_folder.CONNECTION)]
     assert all("not exposed" in out for out in refusals), refusals
     operator.wait(timeout=900)
     stdout = (tmp_path / "operator.log").read_text()
@@ -161,7 +161,7 @@ def test_two_nodes_run_two_rounds_while_an_outsider_with_ca_crt_is_refused_every
     refused = [line for line in (federation.server / "logs" / "fleet-proxy.log").read_text().splitlines()
                if "/v1/control/" in line]
     assert len(refused) >= 5 and all("404" in line for line in refused), refused
-    assert listening_hosts(deploy.server_settings(federation.server).control_port) == {"127.0.0.1"}
+    assert listening_hosts(server_folder.server_settings(federation.server).control_port) == {"127.0.0.1"}
     records = read_metrics(run_dir / "metrics.jsonl")
     assert len({r["node"] for r in records if r["source"] == "client" and r["round"] == 2}) == 2
     assert {r["round"] for r in records if r["source"] == "client" and r.get("dataset") == RENAMED
@@ -201,18 +201,18 @@ def test_a_node_with_an_unregistered_key_is_refused(federation, tmp_path):
     proc = zk0("client", "start", "-d", str(tmp_path / "stranger"), "--server", f"127.0.0.1:{federation.port}",
                "--ca", str(federation.server / "ca.crt"), "--dataset", DATASETS[0], check=False)
     assert proc.returncode == 1 and "refused" in proc.stderr and "Failed to activate SuperNode" in proc.stderr
-    assert deploy.running_pid(tmp_path / "stranger", "supernode") is None
+    assert processes.running_pid(tmp_path / "stranger", "supernode") is None
 
 
 def test_an_insecure_node_is_told_the_server_speaks_tls(federation, tmp_path):
     proc = zk0("client", "start", "-d", str(tmp_path / "plain"), "--server", f"127.0.0.1:{federation.port}",
                "--insecure", "--dataset", DATASETS[0], "--wait", "15", check=False)
     assert proc.returncode == 1 and "speaks TLS: start with --ca ca.crt" in proc.stderr, proc.stderr
-    assert deploy.running_pid(tmp_path / "plain", "supernode") is None
+    assert processes.running_pid(tmp_path / "plain", "supernode") is None
 
 
 def test_a_node_trusting_another_ca_cannot_connect(federation, tmp_path):
-    deploy.init_server(tmp_path / "other", [], "127.0.0.1", 1)
+    server_folder.init_server(tmp_path / "other", [], "127.0.0.1", 1)
     proc = zk0("client", "start", "-d", str(federation.root / "node2"), "--server", f"127.0.0.1:{federation.port}",
                "--ca", str(tmp_path / "other" / "ca.crt"), "--dataset", DATASETS[2], check=False)
     assert proc.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in proc.stderr
@@ -221,19 +221,19 @@ def test_a_node_trusting_another_ca_cannot_connect(federation, tmp_path):
 def test_insecure_is_explicit_and_warns(tmp_path):
     proc = zk0("server", "start", "-d", str(tmp_path / "none"), check=False)
     assert proc.returncode == 1 and "not a zk0 server folder" in proc.stderr
-    zk0("server", "init", str(tmp_path / "srv"), "--port", str(deploy.free_port()), "--control-port",
-        str(deploy.free_port()))
+    zk0("server", "init", str(tmp_path / "srv"), "--port", str(processes.free_port()), "--control-port",
+        str(processes.free_port()))
     try:
         proc = zk0("server", "start", "-d", str(tmp_path / "srv"), "--insecure")
         assert "warning: --insecure" in proc.stderr
-        assert "--insecure" in Path(f"/proc/{deploy.running_pid(tmp_path / 'srv', 'superlink')}/cmdline").read_text()
-        assert deploy.running_pid(tmp_path / "srv", "fleet-proxy") is not None
+        assert "--insecure" in Path(f"/proc/{processes.running_pid(tmp_path / 'srv', 'superlink')}/cmdline").read_text()
+        assert processes.running_pid(tmp_path / "srv", "fleet-proxy") is not None
         zk0("client", "keygen", "-d", str(tmp_path / "node"))
-        port = deploy.server_settings(tmp_path / "srv").port
+        port = server_folder.server_settings(tmp_path / "srv").port
         proc = zk0("client", "start", "-d", str(tmp_path / "node"), "--server", f"127.0.0.1:{port}", "--ca",
                    str(tmp_path / "srv" / "ca.crt"), "--dataset", DATASETS[0], "--wait", "15", check=False)
         assert proc.returncode == 1 and "does not speak TLS (a server started with --insecure?)" in proc.stderr
-        assert deploy.running_pid(tmp_path / "node", "supernode") is None, "a node that cannot connect is stopped"
+        assert processes.running_pid(tmp_path / "node", "supernode") is None, "a node that cannot connect is stopped"
     finally:
         zk0("server", "stop", "-d", str(tmp_path / "srv"))
 
@@ -249,20 +249,20 @@ def test_a_node_dies_mid_round_then_the_server_dies_and_the_run_resumes(federati
     wait_for(lambda: any(a["phase"] == "train" and a["round"] == 1 for a in read_audit(run_dir)), 180,
              "round 1 training to start")
     for name in ("clientapp", "supernode"):
-        assert deploy.stop(federation.root / "node2", name, timeout=10)
+        assert processes.stop(federation.root / "node2", name, timeout=10)
     wait_for(lambda: (run_dir / "server_state.pt").exists() and
              any(r.get("event") == "round" and r["round"] == 1 for r in read_metrics(run_dir / "metrics.jsonl")),
              300, "round 1 to complete")
-    serverapps = deploy.serverapp_processes(deploy.server_settings(federation.server))
+    serverapps = server_folder.serverapp_processes(server_folder.server_settings(federation.server))
     assert any(b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in serverapps)
-    os.kill(deploy.running_pid(federation.server, "superlink"), signal.SIGKILL)
+    os.kill(processes.running_pid(federation.server, "superlink"), signal.SIGKILL)
     refused = zk0("server", "start", "-d", str(federation.server), check=False)
     assert refused.returncode == 1 and "`zk0 server stop -d" in refused.stderr
     zk0("server", "stop", "-d", str(federation.server))
     assert not [pid for pid in serverapps if alive(pid)], "no ServerApp outlives its killed SuperLink"
     assert torch.load(run_dir / "server_state.pt", weights_only=True)["server_round"] < 3
     zk0("server", "start", "-d", str(federation.server))  # same state database: the nodes stay registered
-    supervisor = deploy.running_pid(federation.root / "node0", "clientapp")
+    supervisor = processes.running_pid(federation.root / "node0", "clientapp")
     (worker,) = [pid for pid in child_pids(supervisor)]
     os.kill(worker, signal.SIGKILL)  # node 0's worker dies; its supervisor starts another
     wait_for(lambda: [pid for pid in child_pids(supervisor) if pid != worker], 120, "a restarted worker")

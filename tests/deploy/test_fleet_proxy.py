@@ -11,8 +11,8 @@ import httpx
 import pytest
 from proxyserve import proxy_pair
 
-from zk0 import deploy
-from zk0.fleet_proxy import FLEET_PATHS, fleet_path
+from zk0.deploy import node_folder, processes, server_folder
+from zk0.deploy.fleet_proxy import FLEET_PATHS, fleet_path
 
 
 def test_the_allow_list_is_exactly_flowers_fleet_router():
@@ -49,7 +49,7 @@ def test_every_fleet_path_passes_as_the_allow_lists_own_string():
 @pytest.fixture(scope="module")
 def tls_pair(tmp_path_factory):
     folder = tmp_path_factory.mktemp("certs") / "server"
-    deploy.init_server(folder, [], "127.0.0.1", deploy.free_port(), control_port=deploy.free_port())
+    server_folder.init_server(folder, [], "127.0.0.1", processes.free_port(), control_port=processes.free_port())
     upstream, up_port, port, servers = proxy_pair(folder)
     yield folder, upstream, up_port, port
     for server in servers:
@@ -86,10 +86,10 @@ def test_control_calls_never_reach_the_superlink(tls_pair):
 def test_a_silent_superlink_gives_a_502_not_a_hang(tmp_path):
     from proxyserve import serve
 
-    from zk0.fleet_proxy import FleetProxy
+    from zk0.deploy.fleet_proxy import FleetProxy
 
-    port = deploy.free_port()
-    server = serve(FleetProxy(f"http://127.0.0.1:{deploy.free_port()}", False), port, None)
+    port = processes.free_port()
+    server = serve(FleetProxy(f"http://127.0.0.1:{processes.free_port()}", False), port, None)
     try:
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/fleet/get-run", content=b"", timeout=120)
         assert reply.status_code == 502 and "not answering" in reply.text
@@ -103,11 +103,11 @@ def test_a_node_that_is_not_accepted_is_told_why(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from proxyserve import Upstream, serve
 
-    from zk0.pki import make_server_cert, write_cert, write_key
+    from zk0.deploy.pki import make_server_cert, write_cert, write_key
 
     ours, other = tmp_path / "ours", tmp_path / "other"
     for folder in (ours, other):
-        deploy.init_server(folder, [], "127.0.0.1", deploy.free_port(), control_port=deploy.free_port())
+        server_folder.init_server(folder, [], "127.0.0.1", processes.free_port(), control_port=processes.free_port())
     elsewhere = tmp_path / "elsewhere"  # a certificate from our CA that names only another host
     elsewhere.mkdir()
     ca_key = serialization.load_pem_private_key((tmp_path / "ours-ca" / "ca.key").read_bytes(), None)
@@ -115,10 +115,10 @@ def test_a_node_that_is_not_accepted_is_told_why(tmp_path):
     key, cert = make_server_cert(ca_key, ca_cert, ["robots.example.org"])
     write_key(elsewhere / "server.key", key, serialization.PrivateFormat.PKCS8)
     write_cert(elsewhere / "server.crt", cert)
-    tls, plain, misnamed = deploy.free_port(), deploy.free_port(), deploy.free_port()
+    tls, plain, misnamed = processes.free_port(), processes.free_port(), processes.free_port()
     servers = [serve(Upstream(), tls, ours), serve(Upstream(), plain, None), serve(Upstream(), misnamed, elsewhere)]
     try:
-        why = deploy.why_not_connected
+        why = node_folder.why_not_connected
         assert "nothing accepts connections at 127.0.0.1:1" in why("127.0.0.1:1", ours / "ca.crt")
         assert "is not signed by" in why(f"127.0.0.1:{tls}", other / "ca.crt")
         assert "does not name 127.0.0.1" in why(f"127.0.0.1:{misnamed}", ours / "ca.crt")

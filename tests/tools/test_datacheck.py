@@ -1,4 +1,4 @@
-"""zk0.datacheck: the dataset checker catches planted duplicates, NaNs, dead cameras and bad folders."""
+"""zk0.tools.datacheck: the dataset checker catches planted duplicates, NaNs, dead cameras and bad folders."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 import synthetic
 
-from zk0 import datacheck
+from zk0.tools import datacheck
 
 EPISODES, FRAMES, SIZE = 2, 8, 32
 STATE = "observation.state"

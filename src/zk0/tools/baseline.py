@@ -6,7 +6,7 @@ clients``). ``local``: every client trains alone on its own episodes (``local-st
 round) and never sees another client's update. Both write a run folder shaped like a
 federated run's (``config.json`` plus ``"mode"``, ``metrics.jsonl`` with the same record
 shapes, charts, checkpoints), so :mod:`zk0.tracking`, :mod:`zk0.report` and
-:mod:`zk0.compare` treat all runs alike.
+:mod:`zk0.tools.compare` treat all runs alike.
 
 Everything that decides a number is shared with the federation: the episode split
 (``held-out-fraction``, ``split-seed``), the initial weights (``build_policy``), the

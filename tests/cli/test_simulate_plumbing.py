@@ -13,7 +13,7 @@ import torch
 import typer
 from flwr.compat.client.run_info_store import DeprecatedRunInfoStore
 
-from zk0 import cli
+from zk0.cli import simulate
 from zk0.config import RunConfig
 
 
@@ -29,7 +29,7 @@ def captured(monkeypatch):
 def test_client_contexts_get_the_overrides(captured, tmp_path):
     overrides = {"local-steps": 3, "batch-size": 2, "model-name": "smolvla-size", "datasets": "so101-hub",
                  "output-dir": str(tmp_path)}
-    cli._run_simulation(overrides, 2, {"num_cpus": 1, "num_gpus": 0.0})
+    simulate._run_simulation(overrides, 2, {"num_cpus": 1, "num_gpus": 0.0})
     run = captured["run"]
     store = DeprecatedRunInfoStore(node_id=11, node_config={"partition-id": 1, "num-partitions": 2})
     store.register_context(run_id=run.run_id, run=run, app_dir=captured["app_dir"])  # what each simulated node does
@@ -48,25 +48,25 @@ def cfg(**values) -> RunConfig:
 
 def test_gpu_share_defaults_to_one_gpu_for_all_clients(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert cli.client_gpu_share(cfg(), 4, None) == 0.25
-    assert cli.client_gpu_share(cfg(), 1, None) == 1.0
-    assert cli.client_gpu_share(cfg(), 4, 0.5) == 0.5
-    assert cli.client_gpu_share(cfg(device="cpu"), 4, None) == 0.0
+    assert simulate.client_gpu_share(cfg(), 4, None) == 0.25
+    assert simulate.client_gpu_share(cfg(), 1, None) == 1.0
+    assert simulate.client_gpu_share(cfg(), 4, 0.5) == 0.5
+    assert simulate.client_gpu_share(cfg(device="cpu"), 4, None) == 0.0
 
 
 def test_gpu_share_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert cli.client_gpu_share(cfg(), 4, None) == 0.0
+    assert simulate.client_gpu_share(cfg(), 4, None) == 0.0
     with pytest.raises(typer.Exit):
-        cli.client_gpu_share(cfg(), 4, 0.5)
+        simulate.client_gpu_share(cfg(), 4, 0.5)
     with pytest.raises(typer.Exit):
-        cli.client_gpu_share(cfg(device="cuda"), 4, None)
+        simulate.client_gpu_share(cfg(device="cuda"), 4, None)
 
 
 def test_cuda_clients_need_a_gpu_share(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(typer.Exit):
-        cli.client_gpu_share(cfg(device="cuda"), 4, 0.0)
+        simulate.client_gpu_share(cfg(device="cuda"), 4, 0.0)
 
 
 def test_server_builds_its_policy_on_server_device(monkeypatch, run_config, tmp_path):

@@ -1,0 +1,96 @@
+"""``zk0 simulate``: the ServerApp and ClientApps on Flower's simulation runtime (Ray), as ``flwr run`` runs them."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zk0.cli.common import RunConfigOpt, check_setup, fail, parse_overrides, registry_clients, settle_config
+from zk0.config import ConfigError, RunConfig
+
+def simulate(
+    run_config: RunConfigOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder that receives the run folder.")] = Path("outputs"),
+    num_clients: Annotated[int | None, typer.Option(
+        "--num-clients", "-n", help="Simulated SuperNodes (default: the clients of the registry profile).")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="A run folder to continue from its last completed round, with its own config.")] = None,
+    client_cpus: Annotated[float, typer.Option(
+        help="CPU cores each simulated client reserves (clients that fit run in parallel).")] = 2.0,
+    client_gpus: Annotated[float | None, typer.Option(
+        help="GPU share of each client, e.g. 0.25: four clients share one GPU (default: 1/clients with a "
+             "CUDA GPU and device auto|cuda, else 0).")] = None,
+) -> None:
+    """Run a federated simulation on Flower's simulation engine (Ray), as `flwr run .` does."""
+    overrides = parse_overrides(run_config)
+    if resume is None:
+        overrides["output-dir"] = str(output.expanduser().resolve())
+    overrides, cfg = settle_config(overrides, resume)
+    n = num_clients or registry_clients(cfg)
+    if n < max(cfg.min_train_nodes, cfg.min_evaluate_nodes, cfg.min_stats_clients, 1):
+        fail(ConfigError(f"--num-clients {n} is below min-train-nodes={cfg.min_train_nodes} / min-evaluate-nodes="
+                          f"{cfg.min_evaluate_nodes} / min-stats-clients={cfg.min_stats_clients}: the server would "
+                          f"wait for clients that never come"))
+    if client_cpus <= 0 or (client_gpus is not None and client_gpus < 0):
+        fail(ConfigError("--client-cpus must be > 0 and --client-gpus >= 0"))
+    resources = {"num_cpus": client_cpus, "num_gpus": client_gpu_share(cfg, n, client_gpus)}
+    check_setup(cfg, n)
+    before = set(Path(cfg.output_dir).glob("*")) if Path(cfg.output_dir).exists() else set()
+    _run_simulation(overrides, n, resources)
+    created = sorted(set(Path(cfg.output_dir).glob("*")) - before)
+    run_dir = Path(cfg.resume_from) if cfg.resume_from else (created[-1] if created else None)
+    if run_dir is not None:
+        typer.secho(f"run folder: {run_dir}", fg=typer.colors.GREEN)
+
+
+def client_gpu_share(cfg: RunConfig, num_clients: int, requested: float | None) -> float:
+    """Each Ray client actor's ``num_gpus``: Ray hides GPUs from actors given none (CUDA_VISIBLE_DEVICES='')."""
+    if cfg.device == "cpu":
+        return 0.0 if requested is None else requested
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if cfg.device == "cuda" and not gpus:
+        fail(ConfigError("run-config device='cuda' but no CUDA GPU is visible here; use 'auto' or 'cpu'"))
+    share = (min(1.0, 1.0 / num_clients) if gpus else 0.0) if requested is None else requested
+    if share > 0 and not gpus:
+        fail(ConfigError(f"--client-gpus {share} but no CUDA GPU is visible; use --client-gpus 0"))
+    if cfg.device == "cuda" and share == 0:
+        fail(ConfigError("run-config device='cuda' but clients get no GPU (--client-gpus 0); Ray would hide it"))
+    return share
+
+
+def _run_simulation(overrides: dict, num_supernodes: int, client_resources: dict) -> None:
+    """Flower's simulation runtime, as the SuperLink's simulation process invokes it for `flwr run`.
+
+    The run carries the overrides, so every ClientApp's ``context.run_config`` is the same
+    fused config the ServerApp gets (an empty run would give clients the pyproject defaults).
+    """
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import _run_simulation as run  # private: no public API takes a Run
+    from flwr.supercore.constant import NOOP_FEDERATION_ID  # private: the federation a local simulation runs in
+    from flwr.supercore.run import Run  # private: the Run whose override_config the clients' contexts fuse
+    from flwr.supercore.task_identity import TaskIdentity  # private: set as flwr's legacy entry point does
+    from flwr.supercore.telemetry import EventType
+
+    from zk0.registry import default_pyproject
+
+    app_dir = default_pyproject().parent
+    run_id = random.getrandbits(63)
+    flower_run = Run.create_empty(run_id)
+    flower_run.override_config = overrides
+    flower_run.primary_task_id = random.getrandbits(63)
+    flower_run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=get_fused_config_from_dir(app_dir, overrides))
+    backend = {"init_args": {"include_dashboard": False, "_node_ip_address": "127.0.0.1"},
+               "client_resources": client_resources}
+    run(num_supernodes=num_supernodes, server_app_attr="zk0.server_app:app", client_app_attr="zk0.client_app:app",
+        backend_config=backend, app_dir=str(app_dir), server_app_context=context, run=flower_run, is_app=True,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)

@@ -1,0 +1,1 @@
+"""Tools beside the federated core: baselines (centralized, local-only), run comparison, dataset checks."""
