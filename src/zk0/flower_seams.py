@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
-from flwr.app import Message
+from flwr.app import Message, MetricRecord, RecordDict
 
 FLOWER = "1.42.0"
 
@@ -23,3 +23,11 @@ def set_reply_sender(reply: Message, node_id: int) -> None:
     """Name the node a reply is about. The SuperLink itself answers for a node it lost ("Node Unavailable"),
     with its own id as the sender; Flower 1.42 has no public setter for ``Metadata.src_node_id``."""
     reply.metadata.__dict__["_src_node_id"] = node_id
+
+
+def weighted_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """The ``weighting_key``-weighted mean of the replies' metric records, as Flower's FedAvg computes it
+    (``strategy_utils.aggregate_metricrecords``; 1.42 exports no public helper)."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+    return aggregate_metricrecords(records, weighting_key)

@@ -28,12 +28,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from zk0 import transport
 from zk0.audit import AuditLog
 from zk0.config import RunConfig
 from zk0.data import parse_stats
+from zk0.flower_seams import weighted_metrics
 from zk0.reasons import error_reason, one_line
 
 Event = Callable[[dict], None]
@@ -260,7 +260,7 @@ def _failure(err: Exception) -> str:
 
 def _mean_metrics(replies: list[Message]) -> MetricRecord:
     """The replies' metrics, averaged with their ``num-examples`` weights."""
-    return aggregate_metricrecords([RecordDict({"metrics": r.content["metrics"]}) for r in replies], "num-examples")
+    return weighted_metrics([RecordDict({"metrics": r.content["metrics"]}) for r in replies], "num-examples")
 
 
 def sender(reply: Message, record: str) -> tuple[int, str, int]:
