@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from zk0.cli import data, deploy, simulate, tools
+from zk0.cli import data, deploy, publish, simulate, tools
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated SmolVLA training across private SO-100/SO-101 datasets (Flower + LeRobot).")
@@ -18,6 +18,7 @@ def _root() -> None:
 app.command()(simulate.simulate)
 app.command()(tools.baseline)
 app.command()(tools.compare)
+app.command()(publish.push)
 app.add_typer(data.data_app, name="data")
 app.command("eval")(data.evaluate)
 app.add_typer(deploy.server_app, name="server")
