@@ -49,3 +49,17 @@ def compare(
     for line in lines:
         typer.echo(line)
     typer.secho(f"chart: {chart}", fg=typer.colors.GREEN)
+
+
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (zk0 simulate, zk0 run or a baseline).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Where the page goes (default: RUN_DIR/report.html).")]
+        = None,
+) -> None:
+    """One self-contained HTML page of a run: who trained, metrics per dataset and round, charts, rejected replies."""
+    from zk0.tools.run_report import write_report
+
+    run_dir = run_dir.expanduser().resolve()
+    if not (run_dir / "config.json").is_file() or not (run_dir / "metrics.jsonl").is_file():
+        fail(f"{run_dir} is not a run folder (no config.json and metrics.jsonl); pass one made by zk0")
+    typer.secho(f"report: {write_report(run_dir, out)}", fg=typer.colors.GREEN)
