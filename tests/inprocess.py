@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 from flwr.serverapp import Grid
+
+from zk0.flower_seams import flower_run, set_task_identity
+
+if TYPE_CHECKING:
+    from zk0.flower_seams import Run
 
 SERVER_NODE_ID = 1
 _RUN_IDS = itertools.count(1000)  # a fresh run id per grid: clients keep state per run
@@ -35,8 +39,8 @@ class InProcessGrid(Grid):
             100 + i + 1: Context(run_id=run_id, node_id=100 + i + 1, state=RecordDict(), run_config=dict(run_config),
                                  node_config={"partition-id": i, "num-partitions": num_nodes})
             for i in range(num_nodes)}
-        self._run = Run.create_empty(run_id)
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SERVER_NODE_ID
+        self._run = flower_run(run_id, {})
+        set_task_identity(1, run_id, SERVER_NODE_ID)
         self.sent: list[Message] = []
 
     def set_run(self, run: Run) -> None:

@@ -87,6 +87,7 @@ class Federation:
         for folder in self.clients:
             for name in ("clientapp", "supernode"):
                 processes.stop(folder, name)
+        processes.stop(self.server, "fleet-proxy")
         processes.stop(self.server, "superlink")
 
 

@@ -11,9 +11,11 @@ import typer
 from zk0.cli.common import RunConfigOpt, check_setup, fail, parse_overrides, registry_clients, settle_config
 from zk0.config import ConfigError, RunConfig
 
+
 def simulate(
     run_config: RunConfigOpt = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder that receives the run folder.")] = Path("outputs"),
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Folder that receives the run folder.")] = Path("outputs"),
     num_clients: Annotated[int | None, typer.Option(
         "--num-clients", "-n", help="Simulated SuperNodes (default: the clients of the registry profile).")] = None,
     resume: Annotated[Path | None, typer.Option(
@@ -71,26 +73,14 @@ def _run_simulation(overrides: dict, num_supernodes: int, client_resources: dict
     """
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.simulation.run_simulation import _run_simulation as run  # private: no public API takes a Run
-    from flwr.supercore.constant import NOOP_FEDERATION_ID  # private: the federation a local simulation runs in
-    from flwr.supercore.run import Run  # private: the Run whose override_config the clients' contexts fuse
-    from flwr.supercore.task_identity import TaskIdentity  # private: set as flwr's legacy entry point does
-    from flwr.supercore.telemetry import EventType
 
+    from zk0.flower_seams import run_simulation
     from zk0.registry import default_pyproject
 
     app_dir = default_pyproject().parent
-    run_id = random.getrandbits(63)
-    flower_run = Run.create_empty(run_id)
-    flower_run.override_config = overrides
-    flower_run.primary_task_id = random.getrandbits(63)
-    flower_run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
+    context = Context(run_id=random.getrandbits(63), node_id=0, node_config={}, state=RecordDict(),
                       run_config=get_fused_config_from_dir(app_dir, overrides))
     backend = {"init_args": {"include_dashboard": False, "_node_ip_address": "127.0.0.1"},
                "client_resources": client_resources}
-    run(num_supernodes=num_supernodes, server_app_attr="zk0.server_app:app", client_app_attr="zk0.client_app:app",
-        backend_config=backend, app_dir=str(app_dir), server_app_context=context, run=flower_run, is_app=True,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)
+    run_simulation(context, overrides, num_supernodes, backend, str(app_dir), server_app_attr="zk0.server_app:app",
+                   client_app_attr="zk0.client_app:app")

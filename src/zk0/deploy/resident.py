@@ -23,42 +23,25 @@ import time
 from collections.abc import Callable
 from importlib.metadata import version
 from logging import ERROR, INFO
+from typing import TYPE_CHECKING
 
 import httpx
 
 from flwr.app import Context, Message
-from flwr.app.error import Error
-from flwr.common.config import get_fab_config
-from flwr.common.constant import ErrorCode, SubStatus
 from flwr.common.logger import log
-from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import (AcquireTaskRequest, PullAppMessagesRequest,  # pylint: disable=E0611
-                                    PullTaskInputRequest, SendTaskHeartbeatRequest)
-from flwr.supercore.app_utils import start_parent_process_monitor
-from flwr.supercore.auth import add_superexec_auth_secret_args, load_superexec_auth_secret
-from flwr.supercore.constant import SUPERNODE_DEFAULT_CLIENT_ADDRESS, TaskType
-from flwr.supercore.exit import register_signal_handlers
-from flwr.supercore.fab import Fab
-from flwr.supercore.heartbeat import HeartbeatSender
-from flwr.supercore.inflatable.inflatable_protobuf_utils import (make_confirm_message_received_fn_protobuf,
-                                                                 make_pull_object_fn_protobuf)
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
-                                         SuperExecAuthHttpInterceptor)
-from flwr.supercore.retry import RetryInvoker, exponential, make_simple_http_retry_invoker
-from flwr.supercore.run import Run
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supercore.telemetry import EventType
-from flwr.supercore.tls import validate_and_resolve_root_certificates
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from zk0 import client_app
+from zk0.flower_seams import (RUNTIME_API_ADDRESS, TASK_COMPLETED, TASK_FAILED, acquire_task, acquirer_client,
+                              add_auth_secret_option, bounded_retry, exit_with_parent, fab_clientapp, failed_reply,
+                              pull_task, push_message, push_task_output, read_auth_secret, read_root_certificates,
+                              refused_reply, send_task_heartbeat, set_task_identity, shared_retry, start_heartbeat,
+                              stop_on_signals, task_client)
+
+if TYPE_CHECKING:
+    from zk0.flower_seams import Fab, RetryInvoker, Run, RuntimeHttpClient
 
 APP_ID = "zk0/zk0"  # publisher/name in pyproject.toml
 APP_REF = "zk0.client_app:app"
-FLOWER = "1.42.0"  # the task protocol below uses this release's private runtime API
 POLL_SECONDS = 0.2  # idle wait between AcquireTask calls (loopback, cheap)
 TASK_RETRY_SECONDS = 600.0  # how long one task's calls ride out a SuperNode that is briefly away
 TRANSIENT_HTTP = (502, 503, 504)
@@ -76,17 +59,9 @@ class Worker:
     def __init__(self, address: str, insecure: bool, root_certificates: bytes | None,
                  auth_secret: bytes | None = None) -> None:
         self.address, self.insecure, self.root_certificates = address, insecure, root_certificates
-        self.retry = make_simple_http_retry_invoker()  # shared, so exiting can cut every retry short
-        interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
-        if auth_secret:
-            interceptors.append(SuperExecAuthHttpInterceptor(
-                master_secret=auth_secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
-        self.acquirer = self._client(interceptors)
+        self.retry = shared_retry()  # shared, so exiting can cut every retry short
+        self.acquirer = acquirer_client(address, insecure, root_certificates, self.retry, auth_secret)
         self.app_lock = threading.Lock()
-
-    def _client(self, interceptors: list, retry: RetryInvoker | None = None) -> RuntimeHttpClient:
-        return RuntimeHttpClient.from_server_address(self.address, self.insecure, self.root_certificates,
-                                                     interceptors, retry_invoker=retry or self.retry)
 
     def close(self) -> None:
         """On exit: the SuperNode may be gone, so try each remaining call once, then close."""
@@ -95,35 +70,31 @@ class Worker:
 
     def serve(self) -> None:
         """Acquire and run ClientApp tasks until the process is stopped."""
-        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
         while True:
-            res = self.acquirer.AcquireTask(request)
-            if res.HasField("task") and res.token:
-                threading.Thread(target=self.run_task, args=(res.token,), daemon=True,
-                                 name=f"zk0-task-{res.task.task_id}").start()
+            if task := acquire_task(self.acquirer):
+                token, task_id = task
+                threading.Thread(target=self.run_task, args=(token,), daemon=True, name=f"zk0-task-{task_id}").start()
             else:
                 time.sleep(POLL_SECONDS)
 
     def run_task(self, token: str) -> None:
         """Run one task like ``flwr.supernode.runtime.run_clientapp``: every outcome gets a reply and a status."""
-        client = self._client([RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                               RuntimeTokenHttpInterceptor(token)], task_retry_invoker())
-        heartbeat = HeartbeatSender(task_heartbeat(client))
-        heartbeat.start()
+        client = task_client(self.address, self.insecure, self.root_certificates, task_retry_invoker(), token)
+        heartbeat = start_heartbeat(task_heartbeat(client))
         message: Message | None = None
         context: Context | None = None
         reply: Message | None = None
-        status, details = SubStatus.FAILED, "the zk0 resident worker stopped during the task"
+        status, details = TASK_FAILED, "the zk0 resident worker stopped during the task"
         try:
             message, context, run, fab, task_id = pull_task(client)
             with self.app_lock:
-                TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task_id, run.run_id, context.node_id
+                set_task_identity(task_id, run.run_id, context.node_id)
                 if reason := refusal(run, fab):
                     log(ERROR, "zk0 resident worker refused a task: %s", reason)
-                    reply, details = error_reply(message, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason), reason
+                    reply, details = refused_reply(message, reason), reason
                 else:
                     reply = run_app(message, context)
-                    status, details = SubStatus.COMPLETED, ""
+                    status, details = TASK_COMPLETED, ""
         except Exception as ex:  # pylint: disable=broad-exception-caught
             log(ERROR, "ClientApp raised an exception", exc_info=ex)
             details = f"{type(ex)}:<'{ex}'>"  # Flower's format, shown by the ServerApp
@@ -131,7 +102,7 @@ class Worker:
             if heartbeat.is_running:
                 heartbeat.stop()
             if reply is None and message is not None:  # the app raised, or a signal stopped the worker
-                reply = error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, details)
+                reply = failed_reply(message, details)
             if reply is not None and context is not None:
                 try:
                     push_message(client, reply, context)
@@ -147,57 +118,32 @@ def task_retry_invoker() -> RetryInvoker:
     Flower's own invoker answers a revoked task token (401) with SIGINT to the whole process,
     right for a one-message ``flwr-clientapp``, wrong for a worker holding every round's state.
     """
-    return RetryInvoker(lambda: exponential(max_delay=10), (httpx.TransportError, httpx.HTTPStatusError),
-                        max_tries=None, max_time=TASK_RETRY_SECONDS,
-                        should_giveup=lambda err: isinstance(err, httpx.HTTPStatusError)
-                        and err.response.status_code not in TRANSIENT_HTTP)
+    return bounded_retry(TASK_RETRY_SECONDS, lambda err: isinstance(err, httpx.HTTPStatusError)
+                         and err.response.status_code not in TRANSIENT_HTTP)
 
 
 def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
     """The task's heartbeat; unlike Flower's, a revoked task does not signal the process (see above)."""
-    request = SendTaskHeartbeatRequest()
-
     def beat() -> bool:
         try:
-            client.SendTaskHeartbeat(request)
+            send_task_heartbeat(client)
         except (httpx.TransportError, httpx.HTTPStatusError):
             return False
         return True
     return beat
 
 
-def pull_task(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab, int]:
-    """Flower's ``pull_task_input`` minus its process-global ``TaskIdentity`` (set under the app lock)."""
-    res = client.PullTaskInput(PullTaskInputRequest())
-    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
-    pulled = client.PullMessages(PullAppMessagesRequest())
-    if not pulled.messages_list:
-        raise RuntimeError("No messages received from Runtime API")
-    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message)
-    message.metadata.__dict__["_message_id"] = tree.object_id  # a deflated message lacks its own id
-    return message, context, run, fab, res.task_id
-
-
 def refusal(run: Run, fab: Fab) -> str | None:
     """Why this worker must not run ``run`` (another app, or zk0 code other than its own), else None."""
     if run.fab_id != APP_ID:
         return f"run {run.run_id} is app {run.fab_id!r}; this worker serves only {APP_ID!r}"
-    clientapp = get_fab_config(fab.content)["tool"]["flwr"]["app"]["components"].get("clientapp")
+    clientapp = fab_clientapp(fab)
     if clientapp != APP_REF:
         return f"run {run.run_id} names ClientApp {clientapp!r}; this worker runs only {APP_REF!r}"
     if run.fab_version != version("zk0"):
         return (f"run {run.run_id} is zk0 {run.fab_version} but this worker runs zk0 {version('zk0')}: "
                 "install the run's version on this node or submit the run from this version")
     return None
-
-
-def error_reply(message: Message, code: int, reason: str) -> Message:
-    """The error reply the ServerApp receives instead of a result."""
-    return Message(Error(code=code, reason=reason), reply_to=message)
 
 
 def run_app(message: Message, context: Context) -> Message:
@@ -223,14 +169,10 @@ def serve(address: str, insecure: bool, root_certificates: bytes | None, parent_
 
     ``auth_secret`` is the SuperNode's ``--superexec-auth-secret-file`` content, when it has one.
     """
-    if version("flwr") != FLOWER:
-        raise SystemExit(f"zk0 resident worker is built on Flower {FLOWER} internals, found flwr {version('flwr')}: "
-                         "install flwr=={FLOWER} or start the node with `zk0 client start --no-resident`")
     worker = Worker(address, insecure, root_certificates, auth_secret)
-    register_signal_handlers(EventType.FLWR_CLIENTAPP_RUN_LEAVE, "zk0 resident worker stopped.",
-                             exit_handlers=[worker.close])
+    stop_on_signals("zk0 resident worker stopped.", worker.close)
     if parent_pid is not None:
-        start_parent_process_monitor(parent_pid)  # signals this process when the parent exits
+        exit_with_parent(parent_pid)
     log(INFO, "zk0 resident worker serving the Runtime API at %s", address)
     worker.serve()
 
@@ -240,17 +182,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Long-lived zk0 ClientApp worker for a SuperNode "
                                                  "started with --isolation process")
     parser.add_argument("--appio-api-address", "--runtime-api-address", dest="address",
-                        default=SUPERNODE_DEFAULT_CLIENT_ADDRESS,
+                        default=RUNTIME_API_ADDRESS,
                         help="the SuperNode's Runtime API (its --host:--port; default %(default)s)")
     parser.add_argument("--insecure", action="store_true",
                         help="plain HTTP: the SuperNode's Runtime API has no --ssl-certfile (loopback only)")
     parser.add_argument("--root-certificates", metavar="CA",
                         help="PEM CA that signed the SuperNode's Runtime API certificate (--ssl-ca-certfile)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process (e.g. the SuperNode) exits")
-    add_superexec_auth_secret_args(parser)
+    add_auth_secret_option(parser)
     args = parser.parse_args(argv)
-    serve(args.address, args.insecure, validate_and_resolve_root_certificates(args.root_certificates, args.insecure),
-          args.parent_pid, load_superexec_auth_secret(args.superexec_auth_secret_file))
+    serve(args.address, args.insecure, read_root_certificates(args.root_certificates, args.insecure),
+          args.parent_pid, read_auth_secret(args.superexec_auth_secret_file))
 
 
 if __name__ == "__main__":
