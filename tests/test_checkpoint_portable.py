@@ -13,11 +13,10 @@ import pytest
 import torch
 from lerobot.policies.factory import make_pre_post_processors
 
-from zk0.checkpoint import VLM_FOLDER, load_config, model_card, save_checkpoint
+from zk0.checkpoint import VLM_FOLDER, load_checkpoint, load_config, model_card, save_checkpoint
 from zk0.config import RunConfig
 from zk0.policy import build_policy, trainable_state
 from zk0.registry import load_registry
-from zk0.sim.policy_eval import load_checkpoint
 
 HUB_VLM = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 # Run after the model card's snippet (in a subprocess) and in this process: a seeded action on a fixed observation.

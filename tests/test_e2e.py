@@ -16,16 +16,11 @@ import pytest
 import torch
 from conftest import ROOT
 
+from zk0.deploy.processes import free_port
 from zk0.tracking import read_metrics
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for(tmp_path: Path) -> dict[str, str]:
@@ -110,7 +105,7 @@ def test_zk0_simulate_on_owners_data_killed_and_resumed(tmp_path, lab_registry, 
     out = tmp_path / "outputs"
     args = [str(BIN / "zk0"), "simulate", "--output", str(out), "--client-cpus", "1", "--run-config",
             f"num-server-rounds=3 local-steps=2 batch-size=4 eval-batches=1 chunk-size=5 strategy=fedavg "
-            f"datasets='lab' registry='{lab_registry}' model-name='{smolvla_base_folder}'"]
+            f"datasets='lab' registry='{lab_registry}' model-name='{smolvla_base_folder}' min-stats-clients=2"]
     proc = subprocess.Popen(args, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, cwd=tmp_path)
     try:

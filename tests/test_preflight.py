@@ -33,6 +33,9 @@ BAD = {
     "one-episode": ({"episodes": 1}, "has 1 episode; a client needs at least 2"),
     "broken-video": ({}, "camera 'observation.images.wrist' of episode "),
 }
+# the registry profiles below have two clients: below the default min-stats-clients (3), which zk0 simulate
+# refuses before it checks any data
+TWO_CLIENTS = "min-stats-clients=2"
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,8 @@ def simulate(*args: str, tmp_path: Path):
 
 @pytest.mark.parametrize("name", BAD)
 def test_zk0_simulate_refuses_bad_data_in_one_line(datasets, name, tmp_path):
-    code, lines = simulate("-c", f"registry='{datasets['registry']}' datasets='{name}'", tmp_path=tmp_path)
+    overrides = f"registry='{datasets['registry']}' datasets='{name}' {TWO_CLIENTS}"
+    code, lines = simulate("-c", overrides, tmp_path=tmp_path)
     assert code == 1 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: dataset 'local:{datasets[name]}'") and BAD[name][1] in lines[0]
     assert not (tmp_path / "outputs").exists()  # nothing started, nothing written
@@ -112,8 +116,9 @@ def test_a_misspelt_key_or_bad_value_is_one_line_before_heavy_imports(tmp_path, 
 
 def test_broken_video_refused_by_the_real_command_within_seconds(datasets, tmp_path):
     start = time.monotonic()
+    overrides = f"registry='{datasets['registry']}' datasets='broken-video' {TWO_CLIENTS}"
     proc = subprocess.run([shutil.which("zk0", path=str(Path(sys.executable).parent)), "simulate", "--output",
-                           str(tmp_path), "-c", f"registry='{datasets['registry']}' datasets='broken-video'"],
+                           str(tmp_path), "-c", overrides],
                           capture_output=True, text=True, timeout=600)
     elapsed = time.monotonic() - start
     (line,) = proc.stderr.strip().splitlines()

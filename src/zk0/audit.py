@@ -11,13 +11,13 @@ A reason is stored as one short line without local paths, whatever the node sent
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from flwr.app import Message
 
 from zk0 import transport
+from zk0.jsonl import append_jsonl, read_jsonl
 from zk0.reasons import one_line
 
 
@@ -31,9 +31,8 @@ class AuditLog:
     def _write(self, record: dict) -> None:
         if "reason" in record:  # reasons come from nodes: never a traceback or the owner's paths
             record = {**record, "reason": one_line(record["reason"])}
-        with self.path.open("a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), "run-id": self.run_id, "attempt": self.attempt,
-                                **record}) + "\n")
+        append_jsonl(self.path, {"time": round(time.time(), 3), "run-id": self.run_id, "attempt": self.attempt,
+                                 **record})
 
     def sent(self, server_round: int, phase: str, message: Message) -> None:
         """A message to a node, with the digest and size of its arrays (if any)."""
@@ -68,5 +67,4 @@ def _payload(message: Message) -> dict:
 
 def read_audit(run_dir: Path) -> list[dict]:
     """All records of a run's ``audit.jsonl``."""
-    path = run_dir / "audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_jsonl(run_dir / "audit.jsonl")

@@ -6,6 +6,7 @@
 evaluation). A locally built VLM backbone (model-name tiny, smolvla-size) has no hub id,
 so its files travel in the checkpoint's ``vlm/`` folder and ``vlm_model_name`` names that
 folder relative to the checkpoint: the folder loads on any machine, from any directory.
+:func:`load_checkpoint` reads one back, policy and processors (``zk0 eval``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.factory import make_pre_post_processors
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from lerobot.processor import PolicyProcessorPipeline, TokenizerProcessorStep
 
 from zk0.config import RESUME_FREE_KEYS, RunConfig
@@ -165,6 +167,50 @@ def load_config(path: str | Path) -> PreTrainedConfig:
     if isinstance(config, SmolVLAConfig) and (bundled := Path(path).expanduser() / config.vlm_model_name).is_dir():
         config.vlm_model_name = str(bundled.resolve())
     return config
+
+
+class CheckpointError(RuntimeError):
+    """A folder is not a loadable LeRobot SmolVLA checkpoint (policy and processors)."""
+
+
+def load_checkpoint(folder: Path, device: str = "cpu"
+                    ) -> tuple[SmolVLAPolicy, PolicyProcessorPipeline, PolicyProcessorPipeline]:
+    """``(policy, preprocessor, postprocessor)`` of a LeRobot SmolVLA checkpoint folder, on ``device``.
+
+    A VLM the checkpoint carries (see :func:`load_config`) serves the policy
+    and the preprocessor's tokenizer alike. Raises :class:`CheckpointError` with one line
+    naming the folder when anything is missing or the policy is not a SmolVLA (the CLI
+    prints it instead of a traceback).
+    """
+    folder = Path(folder).expanduser()
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a LeRobot checkpoint: no config.json there")
+    try:
+        config = load_config(folder)
+    except Exception as err:  # draccus, json and lerobot raise many kinds
+        raise _unloadable(folder, err) from None
+    if not isinstance(config, SmolVLAConfig):
+        raise CheckpointError(f"{folder} holds a policy of type {config.type!r}, not a SmolVLA")
+    vlm = Path(config.vlm_model_name)
+    if vlm.is_absolute() and not vlm.is_dir():
+        raise CheckpointError(f"{folder} needs the VLM folder {vlm}, which is missing: a checkpoint saved before zk0 "
+                              "bundled local VLMs in vlm/ needs it; set ZK0_CACHE as when it was saved")
+    config.device = device
+    try:
+        policy = SmolVLAPolicy.from_pretrained(folder, config=config)
+        preprocessor, postprocessor = make_pre_post_processors(
+            config, pretrained_path=str(folder),
+            preprocessor_overrides={"device_processor": {"device": device},
+                                    "tokenizer_processor": {"tokenizer_name": config.vlm_model_name}})
+    except Exception as err:  # transformers, safetensors and lerobot raise many kinds
+        raise _unloadable(folder, err) from None
+    return policy, preprocessor, postprocessor
+
+
+def _unloadable(folder: Path, err: Exception) -> CheckpointError:
+    """The first line of ``err`` (capped), so the CLI shows one readable line."""
+    detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
+    return CheckpointError(f"{folder} is not a loadable LeRobot SmolVLA checkpoint: {detail}")
 
 
 USE_SNIPPET = """from pathlib import Path

@@ -7,9 +7,10 @@ training episodes only (never the held-out ones).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,12 +24,10 @@ from lerobot.datasets.utils import CompatibilityError
 from lerobot.datasets.video_utils import decode_video_frames
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 
-from zk0 import sim, tiny
 from zk0.policy import POLICY_FPS
 from zk0.registry import DatasetEntry
 
 STATE, ACTION = "observation.state", "action"
-EMBEDDED_EPISODES, EMBEDDED_VERSION = 10, 1  # expert demonstrations per embedded task
 STAT_NAMES = frozenset({"min", "max", "mean", "std", "count"})
 QUANTILES = frozenset(f"q{int(q * 100):02d}" for q in DEFAULT_QUANTILES)  # what LeRobot adds to STAT_NAMES
 STATS_WEIGHT_CAP = 4  # in pooling, no client's frames count more than this many times the median client's
@@ -56,32 +55,43 @@ class DatasetSplit:
         return list(self.held_out.episodes)
 
 
-def embedded_root(task: str) -> Path:
-    """Where the embedded dataset of simulator task ``task`` is cached."""
-    return tiny.cache_root() / "datasets" / f"sim-{task}-{tiny.IMAGE_SIZE}px-v{EMBEDDED_VERSION}"
+Locator = Callable[[DatasetEntry], tuple[str, Path | None]]
+SOURCES: dict[str, Locator] = {}  # URI scheme -> how to find its datasets
+PROVIDERS = {"embedded": "zk0.sim.embedded"}  # schemes an edge module registers; imported on first use
 
 
-def embedded_seed(task: str) -> int:
-    """Recording seed of an embedded dataset: distinct per task, far from the evaluation seeds (0, 1, …)."""
-    return 100_000 * (1 + sorted(sim.TASKS).index(task))
+def register_source(scheme: str) -> Callable[[Locator], Locator]:
+    """Register ``locator`` as the source of ``scheme:`` URIs, as LeRobot registers config subclasses.
+
+    Sources that need heavy dependencies (the simulator) live outside the core, so that opening
+    a hub or local dataset never imports them; :data:`PROVIDERS` names their module.
+    """
+    def add(locator: Locator) -> Locator:
+        SOURCES[scheme] = locator
+        return locator
+    return add
 
 
 def locate(entry: DatasetEntry) -> tuple[str, Path | None]:
     """Repo id and local root of an entry; embedded datasets are recorded in the simulator on first use."""
-    if entry.scheme == "embedded":
-        if entry.target not in sim.TASKS:
-            raise DatasetError(f"dataset {entry.uri!r}: unknown simulator task; known: {', '.join(sim.TASKS)}")
-        root = embedded_root(entry.target)
-        if not (root / "meta" / "info.json").exists():
-            sim.record(entry.target, root, EMBEDDED_EPISODES, seed=embedded_seed(entry.target),
-                       image_size=tiny.IMAGE_SIZE)
-        return f"zk0/{entry.target}", root
-    if entry.scheme == "local":
-        root = Path(entry.target).expanduser()
-        if not (root / "meta" / "info.json").is_file():
-            raise DatasetError(f"dataset {entry.uri!r}: {root} is not a LeRobotDataset folder (no meta/info.json)")
-        return f"local/{root.name}", root
+    if entry.scheme not in SOURCES and entry.scheme in PROVIDERS:
+        importlib.import_module(PROVIDERS[entry.scheme])
+    return SOURCES.get(entry.scheme, SOURCES["hf"])(entry)  # an unknown scheme fails to open as a hub id
+
+
+@register_source("hf")
+def _hub(entry: DatasetEntry) -> tuple[str, Path | None]:
+    """A Hugging Face hub dataset: LeRobot downloads it into its own cache."""
     return entry.target, None
+
+
+@register_source("local")
+def _local(entry: DatasetEntry) -> tuple[str, Path | None]:
+    """A LeRobotDataset folder on disk."""
+    root = Path(entry.target).expanduser()
+    if not (root / "meta" / "info.json").is_file():
+        raise DatasetError(f"dataset {entry.uri!r}: {root} is not a LeRobotDataset folder (no meta/info.json)")
+    return f"local/{root.name}", root
 
 
 def open_metadata(entry: DatasetEntry) -> LeRobotDatasetMetadata:

@@ -48,6 +48,11 @@ def summary_table(rows: list[dict[str, float]]) -> list[str]:
         table.add_column(label, justify="right")
     for row in rows:
         table.add_row(*[_cell(key, row.get(key)) for key, _ in COLUMNS])
+    return table_lines(table, width=160)
+
+
+def table_lines(table: Table, width: int) -> list[str]:
+    """A rich table as plain text lines (no colour codes): they go to logs and terminals alike."""
     buffer = io.StringIO()
-    Console(width=160, file=buffer, color_system=None).print(table)
+    Console(width=width, file=buffer, color_system=None).print(table)
     return buffer.getvalue().rstrip().splitlines()

@@ -6,7 +6,6 @@ charts, the progress lines, the summary table and W&B all show the same values.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import defaultdict
@@ -14,6 +13,7 @@ from pathlib import Path
 from statistics import mean
 
 from zk0.config import ConfigError, RunConfig
+from zk0.jsonl import append_jsonl, read_jsonl, write_jsonl
 
 
 class Tracker:
@@ -24,15 +24,14 @@ class Tracker:
         self.records: list[dict] = []
         if resume_after is not None:  # keep completed rounds; drop the partial round that crashed
             self.records = [r for r in read_metrics(self.path) if r["round"] <= resume_after]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            write_jsonl(self.path, self.records)
         self.wandb = _start_wandb(run_dir, cfg) if cfg.use_wandb else None
 
     def log(self, record: dict) -> None:
         """Record one event: ``round`` and ``source`` (server|client|client-eval) plus values."""
         record = {"time": round(time.time(), 3), **record}
         self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.path, record)
         if self.wandb is not None:
             prefix = "/".join(str(record[k]) for k in ("source", "dataset") if k in record)
             values = {f"{prefix}/{k}": v for k, v in record.items()
@@ -78,9 +77,7 @@ def _start_wandb(run_dir: Path, cfg: RunConfig):
 
 def read_metrics(path: Path) -> list[dict]:
     """All records of a ``metrics.jsonl`` (none when the run stopped before logging any)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def write_charts(run_dir: Path) -> list[Path]:

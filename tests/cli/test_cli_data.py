@@ -16,6 +16,7 @@ from zk0.policy import build_policy
 from zk0.registry import DatasetEntry
 
 ZK0 = str(Path(sys.executable).parent / "zk0")
+pytestmark = pytest.mark.e2e  # each test records, trains or starts a zk0 process that takes seconds
 
 
 def zk0(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

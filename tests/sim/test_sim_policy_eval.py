@@ -12,11 +12,10 @@ import torch
 from lerobot.policies.factory import make_pre_post_processors
 
 from zk0 import sim
-from zk0.checkpoint import save_checkpoint
+from zk0.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from zk0.config import RunConfig
 from zk0.policy import build_policy, trainable_state
-from zk0.sim.policy_eval import (CheckpointError, default_max_steps, evaluate_in_sim, load_checkpoint, policy_act,
-                                 run_episodes)
+from zk0.sim.policy_eval import default_max_steps, evaluate_in_sim, policy_act, run_episodes
 
 SIZE = 96  # the simulator's default: larger than the tiny policy's 64, so SmolVLA's resize is exercised
 PICK, PLACE = "red-pick", "green-place-left"

@@ -27,7 +27,8 @@ def simulator_task_names(tasks: list[str] | None) -> list[str]:
 
 @data_app.command("generate")
 def generate(
-    tasks: Annotated[list[str] | None, typer.Argument(help="Simulator tasks (default: all client and unseen tasks).")] = None,
+    tasks: Annotated[list[str] | None, typer.Argument(
+        help="Simulator tasks (default: all client and unseen tasks).")] = None,
     episodes: Annotated[int, typer.Option(min=1, help="Successful demonstrations to record per task.")] = 10,
     image_size: Annotated[int | None, typer.Option(help="Camera resolution (default: the tiny policy's).")] = None,
     output: Annotated[Path | None, typer.Option(
@@ -45,9 +46,10 @@ def generate(
     import shutil
 
     from zk0 import sim, tiny
-    from zk0.data import EMBEDDED_EPISODES, embedded_root, embedded_seed
 
-    names = simulator_task_names(tasks)
+    names = simulator_task_names(tasks)  # before LeRobot loads below: a misspelt task fails in seconds
+    from zk0.sim.embedded import EMBEDDED_EPISODES, embedded_root, embedded_seed
+
     size = image_size or tiny.IMAGE_SIZE
     if output is None and (size, episodes) != (tiny.IMAGE_SIZE, EMBEDDED_EPISODES):
         fail(f"the embedded cache holds {EMBEDDED_EPISODES} episodes at {tiny.IMAGE_SIZE}px (what the demo "
@@ -93,8 +95,8 @@ def evaluate(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Evaluate a checkpoint: closed loop in the simulator (--sim) or offline on datasets (--dataset)."""
+    from zk0.checkpoint import CheckpointError, load_checkpoint
     from zk0.registry import RegistryError, parse_camera_map
-    from zk0.sim.policy_eval import CheckpointError, load_checkpoint
 
     if not sim_ and not dataset:
         fail("say what to evaluate on: --sim (simulator success rate) or --dataset URI (offline loss and MAE)")

@@ -11,28 +11,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from lerobot.configs.types import FeatureType
-from lerobot.policies.factory import make_pre_post_processors
-from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from lerobot.processor import PolicyProcessorPipeline
 
-from zk0.checkpoint import load_config
 from zk0.sim.expert import grasp_rotation, plan
 from zk0.sim.rollout import Act, rollout, write_mp4
-from zk0.config import ConfigError, RunConfig
-from zk0.registry import DatasetEntry, Registry
 from zk0.sim.scene import TASKS, get_task, sample_spawn
 from zk0.so101 import JOINTS
 
+if TYPE_CHECKING:  # annotations only: importing the simulator loads no core config or registry
+    from zk0.config import RunConfig
+    from zk0.registry import DatasetEntry, Registry
+
 STEP_SLACK = 1.5  # default episode budget: this many times the expert's plan length
-
-
-class CheckpointError(RuntimeError):
-    """A folder is not a loadable LeRobot SmolVLA checkpoint (policy and processors)."""
 
 
 def policy_act(policy: SmolVLAPolicy, preprocessor: PolicyProcessorPipeline, postprocessor: PolicyProcessorPipeline,
@@ -115,6 +111,8 @@ def sim_tasks(entries: Iterable[DatasetEntry]) -> list[str]:
 def simulator_tasks(cfg: RunConfig, registry: Registry) -> list[str]:
     """The tasks closed-loop evaluation rolls out: every simulator task of the registry profile
     (whichever clients take part), none unless ``sim-eval-every`` > 0."""
+    from zk0.config import ConfigError  # here, not at import: the simulator loads no core config
+
     if not cfg.sim_eval_every:
         return []
     if not (tasks := sim_tasks([*registry.clients, *registry.server_eval])):
@@ -139,43 +137,3 @@ def _eval_mode(policy: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
-
-
-def load_checkpoint(folder: Path, device: str = "cpu"
-                    ) -> tuple[SmolVLAPolicy, PolicyProcessorPipeline, PolicyProcessorPipeline]:
-    """``(policy, preprocessor, postprocessor)`` of a LeRobot SmolVLA checkpoint folder, on ``device``.
-
-    A VLM the checkpoint carries (see :func:`zk0.checkpoint.load_config`) serves the policy
-    and the preprocessor's tokenizer alike. Raises :class:`CheckpointError` with one line
-    naming the folder when anything is missing or the policy is not a SmolVLA (the CLI
-    prints it instead of a traceback).
-    """
-    folder = Path(folder).expanduser()
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} is not a LeRobot checkpoint: no config.json there")
-    try:
-        config = load_config(folder)
-    except Exception as err:  # draccus, json and lerobot raise many kinds
-        raise _unloadable(folder, err) from None
-    if not isinstance(config, SmolVLAConfig):
-        raise CheckpointError(f"{folder} holds a policy of type {config.type!r}, not a SmolVLA")
-    vlm = Path(config.vlm_model_name)
-    if vlm.is_absolute() and not vlm.is_dir():
-        raise CheckpointError(f"{folder} needs the VLM folder {vlm}, which is missing: a checkpoint saved before zk0 "
-                              "bundled local VLMs in vlm/ needs it; set ZK0_CACHE as when it was saved")
-    config.device = device
-    try:
-        policy = SmolVLAPolicy.from_pretrained(folder, config=config)
-        preprocessor, postprocessor = make_pre_post_processors(
-            config, pretrained_path=str(folder),
-            preprocessor_overrides={"device_processor": {"device": device},
-                                    "tokenizer_processor": {"tokenizer_name": config.vlm_model_name}})
-    except Exception as err:  # transformers, safetensors and lerobot raise many kinds
-        raise _unloadable(folder, err) from None
-    return policy, preprocessor, postprocessor
-
-
-def _unloadable(folder: Path, err: Exception) -> CheckpointError:
-    """The first line of ``err`` (capped), so the CLI shows one readable line."""
-    detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
-    return CheckpointError(f"{folder} is not a loadable LeRobot SmolVLA checkpoint: {detail}")

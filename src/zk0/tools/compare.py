@@ -9,17 +9,16 @@ round; the chart shows every evaluated round.
 
 from __future__ import annotations
 
-import io
 import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
-from rich.console import Console
 from rich.table import Table
 
 from zk0.registry import DatasetEntry
+from zk0.report import table_lines
 from zk0.tracking import read_metrics
 
 COLUMNS = [("held-out-loss", "held-out loss"), ("held-out-mae", "held-out MAE"), ("unseen-loss", "unseen loss"),
@@ -116,9 +115,7 @@ def table(runs: list[Run]) -> list[str]:
             steps = run.optimizer_steps(server_round)
             out.add_row(run.folder.name, run.label, str(server_round), *cells, "–" if steps is None else str(steps))
         out.add_section()
-    buffer = io.StringIO()
-    Console(width=200, file=buffer, color_system=None).print(out)
-    return buffer.getvalue().rstrip().splitlines()
+    return table_lines(out, width=200)
 
 
 def _cell(value: float | None) -> str:

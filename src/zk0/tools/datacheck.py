@@ -25,10 +25,9 @@ from lerobot.datasets.video_utils import decode_video_frames
 from lerobot.utils.constants import DEFAULT_FEATURES
 
 from zk0.data import ACTION, STATE, DatasetError, locate, open_metadata
-from zk0.registry import DatasetEntry
+from zk0.registry import SCHEMES, DatasetEntry
 
 CAMERA_PREFIX = "observation.images."
-SCHEMES = ("hf", "local", "embedded")
 BLACK_LEVEL = 2.0  # mean uint8 intensity under which a frame counts as black
 GRID = 8  # frames are compared as GRID x GRID cell means, which lossy-codec noise hardly moves
 FROZEN_LEVEL = 6.0  # largest cell-mean change (uint8) between sampled frames of a frozen stream

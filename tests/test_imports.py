@@ -1,0 +1,100 @@
+"""Import structure: the core never loads the simulator, and zk0's modules import each other without cycles.
+
+A node that trains on a hub or local dataset must not need MuJoCo (nor pay for loading it), and a
+cycle among module-level imports breaks as soon as someone imports the modules in another order.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import zk0
+
+PACKAGE = Path(zk0.__file__).resolve().parent
+SIMULATOR = ("mujoco", "zk0.sim")
+
+
+@pytest.mark.parametrize("module", ["zk0.client_app", "zk0.data"])
+def test_core_modules_do_not_load_the_simulator(module):
+    code = f"import json, sys, {module}; print(json.dumps([m for m in {list(SIMULATOR)!r} if m in sys.modules]))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "mujoco" not in loaded and "zk0.sim" not in loaded
+
+
+def test_module_level_imports_have_no_cycle():
+    graph = import_graph()
+    assert "zk0.registry" in graph["zk0.data"] and "zk0.data" in graph["zk0.sim.embedded"]  # the walk sees imports
+    assert "zk0.sim.embedded" not in graph["zk0.data"]  # imported on first use of an embedded: URI only
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each zk0 module and the zk0 modules it imports when it is itself imported."""
+    files = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    return {name: {target for node in _module_level_imports(ast.parse(path.read_text()))
+                   for target in _targets(node, name, path.name == "__init__.py", files)}
+            for name, path in files.items()}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_level_imports(node: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Imports that run on import: not those inside functions, nor under ``if TYPE_CHECKING``."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child
+        elif isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
+            for statement in child.orelse:
+                yield from _module_level_imports(ast.Module(body=[statement], type_ignores=[]))
+        else:
+            yield from _module_level_imports(child)
+
+
+def _targets(node: ast.Import | ast.ImportFrom, name: str, is_package: bool, modules: dict) -> set[str]:
+    """The zk0 modules one import statement loads (``from pkg import mod`` names the submodule)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names if alias.name in modules}
+    base = node.module or ""
+    if node.level:
+        anchor = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
+        base = ".".join([*anchor, *([base] if base else [])])
+    found = {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names}
+    return found & set(modules)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path that ends where it starts, or None when it is a DAG."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return None
+        for target in sorted(graph.get(module, ())):
+            if cycle := visit(target, [*path, module]):
+                return cycle
+        done.add(module)
+        return None
+
+    return next((cycle for module in sorted(graph) if (cycle := visit(module, []))), None)
