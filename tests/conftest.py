@@ -45,3 +45,39 @@ def lab_registry(tmp_path_factory):
     from realworld import write_lab
 
     return write_lab(tmp_path_factory.mktemp("lab"))
+
+
+@pytest.fixture
+def events() -> list[dict]:
+    """What the round loop reported (it goes to metrics.jsonl in a run)."""
+    return []
+
+
+@pytest.fixture
+def server_identity(monkeypatch) -> None:
+    """Build messages as the ServerApp process does (Flower stamps them with the task's identity)."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from inprocess import SERVER_NODE_ID
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SERVER_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture
+def round_state(tmp_path, events, server_identity):
+    """Round 1 of a run over two small tensors; 2 local steps of batch 4 (at most 8 frames); 1 eval batch (4 frames)."""
+    from zk0.audit import AuditLog
+    from zk0.config import RunConfig
+    from zk0.rounds import RoundState
+
+    cfg = RunConfig(transport_dtype="fp32", min_train_nodes=1, local_steps=2, batch_size=4, eval_batches=1)
+    return RoundState(cfg, {"a": torch.randn(3, 2), "b": torch.randn(4)}, "stats", "base", AuditLog(tmp_path),
+                      events.append, server_round=1)
+
+
+@pytest.fixture
+def strategy(round_state):
+    """The strategy of the ``round_state`` run, verifying on its server's wire."""
+    from zk0.strategy import SmolVLAStrategy
+
+    return SmolVLAStrategy(round_state.cfg, round_state.wire)

@@ -8,9 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from federation import final_master, run_federation
 from flwr.app import Message, MessageType
-from test_integration import run_federation
-from test_resilience import final_master
 
 from zk0 import data, server_app, transport
 from zk0.audit import read_audit
@@ -146,9 +145,9 @@ def test_pooling_caps_a_client_claiming_far_more_frames():
     assert pooled["count"] == [600] and pooled["mean"] == [1.5] * 6  # the big one weighs 4 median clients
 
 
-def test_outliers_and_too_few_contributors_are_warned_about(monkeypatch):
+def test_outliers_and_two_contributors_are_warned_about(monkeypatch):
     logged = []
     monkeypatch.setattr(server_app, "log", lambda level, text, *args: logged.append(text % args))
     server_app.warn_about_stats([101, 102], [report(0.0, 10), report(100.0, 10)])
-    assert "node 101" in logged[0] and "node 102" in logged[1] and "infer the others'" in logged[2]
+    assert "node 101" in logged[0] and "node 102" in logged[1] and "each can infer the other's" in logged[2]
     assert data.outliers([report(0.0, 10), report(0.5, 10), report(1.0, 10)]) == []

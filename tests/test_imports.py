@@ -21,7 +21,7 @@ PACKAGE = Path(zk0.__file__).resolve().parent
 SIMULATOR = ("mujoco", "zk0.sim")
 
 
-@pytest.mark.parametrize("module", ["zk0.client_app", "zk0.data"])
+@pytest.mark.parametrize("module", ["zk0.client_app", "zk0.data", "zk0.server_app"])
 def test_core_modules_do_not_load_the_simulator(module):
     code = f"import json, sys, {module}; print(json.dumps([m for m in {list(SIMULATOR)!r} if m in sys.modules]))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -36,6 +36,16 @@ def test_module_level_imports_have_no_cycle():
     assert "zk0.sim.embedded" not in graph["zk0.data"]  # imported on first use of an embedded: URI only
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_core_imports_no_edge_at_module_level():
+    """DESIGN: the core (zk0.*, outside sim, deploy, tools and cli) loads no edge when it is imported."""
+    edges = ("zk0.sim", "zk0.deploy", "zk0.tools", "zk0.cli")
+    graph = import_graph()
+    core = [name for name in graph if name not in ("zk0", "zk0.__main__") and not name.startswith(edges)]
+    assert "zk0.server_app" in core and "zk0.strategy" in core
+    leaks = {name: sorted(t for t in graph[name] if t.startswith(edges)) for name in core}
+    assert not {name: targets for name, targets in leaks.items() if targets}
 
 
 def test_find_cycle_finds_one():

@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ConfigRecord, Context, Message, MessageType, RecordDict
+from federation import run_federation
+from flwr.app import Array, ConfigRecord, Message, MessageType, RecordDict
 from inprocess import InProcessGrid
 from lerobot.policies.factory import make_pre_post_processors
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-from zk0 import client_app, server_app, transport
+from zk0 import client_app, transport
 from zk0.checkpoint import load_config
 from zk0.config import ConfigError, RunConfig
 from zk0.policy import base_fingerprint, build_policy, trainable_state
 from zk0.strategy import RoundFailed, round_lr
 from zk0.tracking import read_metrics
-
-
-def run_federation(config: dict, num_nodes: int = 2, intercept=None) -> tuple[Path, InProcessGrid]:
-    """Run the unchanged ServerApp against the unchanged ClientApp; return the run folder."""
-    grid = InProcessGrid(client_app.app, config, num_nodes, intercept=intercept)
-    server_app.app(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config))
-    runs = sorted(Path(config["output-dir"]).iterdir())
-    return runs[-1], grid
 
 
 def tamper_first_update(reply: Message) -> Message:

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import math
-from uuid import uuid4
 
 import pytest
 import torch
+from federation import final_master, request, run_federation, small_update, train_reply
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from inprocess import SERVER_NODE_ID
-from test_integration import run_federation
-from test_resilience import final_master
 
 from zk0 import transport
-from zk0.audit import AuditLog, read_audit
-from zk0.config import RunConfig
-from zk0.strategy import SmolVLAStrategy, num_examples, payload_config
+from zk0.audit import read_audit
+from zk0.rounds import RoundState
+from zk0.server_app import receive_evaluate, receive_train
+from zk0.strategy import SmolVLAStrategy, num_examples
 from zk0.tracking import read_metrics
 
 FORGED = {(1, 102): math.nan, (1, 103): math.inf, (2, 102): -8, (2, 103): 1e30}  # (round, node): num-examples
@@ -55,66 +52,23 @@ def test_forged_weights_are_rejected_and_the_honest_update_is_applied_exactly(ru
                                                                               for r in rejected]
 
 
-@pytest.fixture
-def server_identity(monkeypatch) -> None:
-    """Build messages as the ServerApp process does (Flower stamps them with the task's identity)."""
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SERVER_NODE_ID)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-def request(node: int, message_type: str = MessageType.TRAIN) -> Message:
-    """A server message to ``node`` as the grid would have sent it (so a reply can answer it)."""
-    msg = Message(RecordDict(), dst_node_id=node, message_type=message_type)
-    msg.metadata.__dict__["_message_id"] = str(uuid4())
-    msg.metadata.__dict__["_src_node_id"] = 1
-    return msg
-
-
-def train_reply(strategy: SmolVLAStrategy, node: int, update: dict[str, torch.Tensor],
-                metrics: dict | None = None) -> Message:
-    """A well-formed train reply from ``node`` (partition ``node - 101``) with ``metrics`` overriding the defaults."""
-    arrays = transport.encode(update, "fp32")
-    payload = ConfigRecord({**payload_config(arrays, strategy.fingerprint, "fp32"), "partition-id": node - 101,
-                            "dataset": f"set-{node}", "server-round": 1})
-    values = {"train-loss": 1.0, "num-examples": 8} | (metrics or {})
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(values), "payload": payload}),
-                   reply_to=request(node))
-
-
-@pytest.fixture
-def events() -> list[dict]:
-    """What the strategy reported (it goes to metrics.jsonl in a run)."""
-    return []
-
-
-@pytest.fixture
-def strategy(tmp_path, events, server_identity) -> SmolVLAStrategy:
-    """A strategy over two small tensors; 2 local steps of batch 4 (at most 8 frames); 1 eval batch (4 frames)."""
-    cfg = RunConfig(transport_dtype="fp32", min_train_nodes=1, local_steps=2, batch_size=4, eval_batches=1)
-    return SmolVLAStrategy(cfg, {"a": torch.randn(3, 2), "b": torch.randn(4)}, "base", "stats", events.append,
-                           AuditLog(tmp_path))
-
-
-def small_update(seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {"a": torch.randn(3, 2, generator=gen) * 0.1, "b": torch.randn(4, generator=gen) * 0.1}
-
-
 def rejected_reasons(events: list[dict]) -> list[str]:
     return [e["reason"] for e in events if e.get("event") == "rejected-update"]
 
 
-def aggregate_with_an_honest_update(strategy: SmolVLAStrategy, bad: Message) -> None:
+def aggregate_with_an_honest_update(strategy: SmolVLAStrategy, round_state: RoundState, bad: Message) -> None:
     """Aggregate ``bad`` next to an honest reply and check the global tensors moved by exactly the honest update."""
-    before = {n: t.clone() for n, t in strategy.master.items()}
+    before = {n: t.clone() for n, t in round_state.master.items()}
     honest = small_update(0)
-    strategy.aggregate_train(1, [bad, train_reply(strategy, 101, honest)])
-    assert all(torch.equal(strategy.master[n], before[n] + honest[n]) for n in before)
+    receive_train(strategy, round_state, [bad, train_reply(round_state, 101, honest)])
+    assert all(torch.equal(round_state.master[n], before[n] + honest[n]) for n in before)
 
 
 @pytest.mark.parametrize("claimed", [math.nan, math.inf, -math.inf, -8, 0, 8.5, 9, 1e30, 10**30, [8]])
-def test_num_examples_that_is_no_whole_frame_count_the_steps_allow_is_rejected(strategy, events, claimed):
-    aggregate_with_an_honest_update(strategy, train_reply(strategy, 102, small_update(1), {"num-examples": claimed}))
+def test_num_examples_that_is_no_whole_frame_count_the_steps_allow_is_rejected(strategy, round_state, events,
+                                                                                claimed):
+    bad = train_reply(round_state, 102, small_update(1), {"num-examples": claimed})
+    aggregate_with_an_honest_update(strategy, round_state, bad)
     (reason,) = rejected_reasons(events)
     assert "num-examples" in reason or "single numbers" in reason
     assert [e["node"] for e in events if e["source"] == "client"] == [101]
@@ -126,15 +80,15 @@ def test_num_examples_rejects_what_is_not_a_whole_number(claimed):
         num_examples({"num-examples": claimed}, 8)
 
 
-def test_integral_float_num_examples_is_accepted(strategy, events):
+def test_integral_float_num_examples_is_accepted(strategy, round_state, events):
     assert num_examples(MetricRecord({"num-examples": 8.0}), 8) == 8
     updates = [small_update(1), small_update(2)]
-    before = {n: t.clone() for n, t in strategy.master.items()}
-    strategy.aggregate_train(1, [train_reply(strategy, 101, updates[0], {"num-examples": 8.0}),
-                                 train_reply(strategy, 102, updates[1], {"num-examples": 2})])
+    before = {n: t.clone() for n, t in round_state.master.items()}
+    receive_train(strategy, round_state, [train_reply(round_state, 101, updates[0], {"num-examples": 8.0}),
+                                          train_reply(round_state, 102, updates[1], {"num-examples": 2})])
     assert rejected_reasons(events) == []
     expected = {n: before[n] + (updates[0][n] * 0.8 + updates[1][n] * 0.2) for n in before}
-    assert all(torch.allclose(strategy.master[n], expected[n]) for n in before)
+    assert all(torch.allclose(round_state.master[n], expected[n]) for n in before)
 
 
 def without(reply: Message, record: str, key: str | None = None) -> Message:
@@ -154,22 +108,23 @@ def without(reply: Message, record: str, key: str | None = None) -> Message:
     (lambda r: without(r, "payload", "dataset"), "malformed reply: KeyError: 'dataset'"),
     (lambda r: without(r, "payload", "payload-digest"), "malformed reply: KeyError: 'payload-digest'"),
 ])
-def test_a_reply_missing_a_field_is_rejected_and_the_round_goes_on(strategy, events, break_it, expected):
-    aggregate_with_an_honest_update(strategy, break_it(train_reply(strategy, 102, small_update(1))))
+def test_a_reply_missing_a_field_is_rejected_and_the_round_goes_on(strategy, round_state, events, break_it,
+                                                                   expected):
+    aggregate_with_an_honest_update(strategy, round_state, break_it(train_reply(round_state, 102, small_update(1))))
     (reason,) = rejected_reasons(events)
     assert expected in reason and "\n" not in reason
 
 
-def test_a_reply_whose_partition_id_is_not_a_number_is_rejected_before_ordering(strategy, events):
-    bad = train_reply(strategy, 102, small_update(1))
+def test_a_reply_whose_partition_id_is_not_a_number_is_rejected_before_ordering(strategy, round_state, events):
+    bad = train_reply(round_state, 102, small_update(1))
     bad.content["payload"]["partition-id"] = "first"
-    aggregate_with_an_honest_update(strategy, bad)
+    aggregate_with_an_honest_update(strategy, round_state, bad)
     assert rejected_reasons(events) == ["payload needs a whole-number partition-id and a dataset name"]
 
 
-def test_metrics_cannot_overwrite_the_servers_fields(strategy, events):
-    strategy.aggregate_train(1, [train_reply(strategy, 101, small_update(1),
-                                             {"round": 99, "node": 7, "partition": 5})])
+def test_metrics_cannot_overwrite_the_servers_fields(strategy, round_state, events):
+    receive_train(strategy, round_state, [train_reply(round_state, 101, small_update(1),
+                                                      {"round": 99, "node": 7, "partition": 5})])
     (event,) = [e for e in events if e["source"] == "client"]
     assert (event["round"], event["node"], event["partition"]) == (1, 101, 0)
 
@@ -180,10 +135,11 @@ def eval_reply(node: int, frames: float) -> Message:
     return Message(RecordDict({"metrics": metrics, "payload": payload}), reply_to=request(node, MessageType.EVALUATE))
 
 
-def test_evaluate_replies_are_checked_the_same_way(strategy, events):
+def test_evaluate_replies_are_checked_the_same_way(strategy, round_state, events):
     error = Message(Error(code=1, reason="boom"), reply_to=request(104, MessageType.EVALUATE))
-    metrics = strategy.aggregate_evaluate(1, [eval_reply(101, 4), eval_reply(102, math.nan), eval_reply(103, 5),
-                                              without(eval_reply(105, 4), "payload"), error])
+    metrics = receive_evaluate(strategy, round_state, [eval_reply(101, 4), eval_reply(102, math.nan),
+                                                       eval_reply(103, 5), without(eval_reply(105, 4), "payload"),
+                                                       error])
     assert metrics["eval-loss"] == 101.0
     assert [e["node"] for e in events if e.get("event") == "rejected-update"] == [102, 103, 105, 104]
     assert rejected_reasons(events)[-1] == "client error: boom"

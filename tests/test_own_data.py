@@ -11,10 +11,10 @@ import json
 
 import numpy as np
 import pytest
+from federation import run_federation
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from inprocess import InProcessGrid
 from realworld import LAB, SMOLVLA_BASE_CAMERAS
-from test_integration import run_federation
 
 from zk0 import client_app
 from zk0.tools import baseline

@@ -6,11 +6,12 @@ import json
 import traceback
 
 import pytest
+from federation import request, small_update, train_reply
 from flwr.app import Error, Message, MessageType
-from test_num_examples import events, request, server_identity, small_update, strategy, train_reply  # noqa: F401
 
 from zk0.audit import read_audit
 from zk0.reasons import error_reason, one_line
+from zk0.server_app import receive_train
 
 HOME = "/home/alice/robots/so101"
 
@@ -69,10 +70,10 @@ def test_error_reason_names_the_exception_type():
     assert error_reason(FileNotFoundError(f"{HOME}/x.json")) == "FileNotFoundError: x.json"
 
 
-def test_a_client_traceback_is_stored_as_one_short_line(strategy, events, tmp_path):
+def test_a_client_traceback_is_stored_as_one_short_line(strategy, round_state, events, tmp_path):
     failed = Message(Error(code=0, reason=node_traceback()), reply_to=request(102))
-    good = train_reply(strategy, 101, small_update(0))
-    strategy.aggregate_train(1, [failed, good])
+    good = train_reply(round_state, 101, small_update(0))
+    receive_train(strategy, round_state, [failed, good])
     expected = "client error: " + one_line(node_traceback())
     (event,) = [e for e in events if e.get("event") == "rejected-update"]
     (record,) = [a for a in read_audit(tmp_path) if a["status"] == "rejected"]
@@ -80,8 +81,8 @@ def test_a_client_traceback_is_stored_as_one_short_line(strategy, events, tmp_pa
     assert HOME not in (tmp_path / "audit.jsonl").read_text() and HOME not in json.dumps(events)
 
 
-def test_audit_stores_any_reason_as_one_line(strategy, tmp_path):
+def test_audit_stores_any_reason_as_one_line(round_state, tmp_path):
     failed = Message(Error(code=0, reason=node_traceback()), reply_to=request(103, MessageType.QUERY))
-    strategy.audit.received(0, "query", failed, accepted=False, reason=failed.error.reason)
+    round_state.audit.received(0, "query", failed, accepted=False, reason=failed.error.reason)
     (record,) = read_audit(tmp_path)
     assert record["reason"] == one_line(node_traceback())

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from federation import final_master, run_federation
 from flwr.app import Context, Message, MessageType, RecordDict
 from inprocess import InProcessGrid
-from test_integration import run_federation
 
 from zk0 import client_app, server_app
 from zk0.audit import read_audit
@@ -41,10 +41,6 @@ def crash_in_round(server_round: int):
 
 def _round(reply: Message) -> int:
     return int(reply.content["payload"]["server-round"])
-
-
-def final_master(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / STATE_FILE, weights_only=True)["master"]
 
 
 def test_round_completes_without_a_node_that_died(run_config):

@@ -150,3 +150,40 @@ def test_decode_rejects_wrong_dtype(tensors):
 def test_encode_rejects_unknown_dtype(tensors):
     with pytest.raises(ValueError, match="fp16"):
         transport.encode(tensors, "fp16")
+
+
+def wires(tensors, dtype: str = "bf16") -> tuple[transport.Wire, transport.Wire]:
+    """The server's and a client's end of one federation's wire."""
+    return (transport.Wire("server", "base", dtype, shapes(tensors)),
+            transport.Wire("client", "base", dtype, shapes(tensors)))
+
+
+def test_a_sealed_payload_opens_on_the_other_side(tensors):
+    server, client = wires(tensors)
+    arrays, seal = server.seal(tensors)
+    assert seal == {"payload-digest": transport.digest(arrays), "base-fingerprint": "base", "transport-dtype": "bf16"}
+    opened = client.open(arrays, seal)
+    assert all(torch.equal(opened[n], t.to(torch.bfloat16).float()) for n, t in tensors.items())
+
+
+@pytest.mark.parametrize(("side", "base", "dtype"), [
+    ("server", "frozen-base fingerprint differs from the server's", "transport dtype fp32 != bf16"),
+    ("client", "the server's frozen base differs from this client's", "server sent fp32, client expects bf16"),
+])
+def test_a_payload_sealed_for_another_base_or_dtype_is_refused_in_the_receivers_words(tensors, side, base, dtype):
+    receiver = transport.Wire(side, "base", "bf16", shapes(tensors))
+    arrays, seal = transport.Wire(side, "other base", "bf16", shapes(tensors)).seal(tensors)
+    with pytest.raises(PayloadError, match=base):
+        receiver.verify(arrays, seal)
+    arrays, seal = transport.Wire(side, "base", "fp32", shapes(tensors)).seal(tensors)
+    with pytest.raises(PayloadError, match=dtype):
+        receiver.open(arrays, seal)
+
+
+def test_a_sealed_payload_changed_in_transit_is_refused(tensors):
+    server, client = wires(tensors, "fp32")
+    arrays, seal = server.seal(tensors)
+    values = arrays["a.bias"].numpy().copy()
+    values[0] += 1
+    with pytest.raises(PayloadError, match="digest mismatch"):
+        client.open(replace(arrays, "a.bias", values), seal)

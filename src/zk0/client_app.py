@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import ERROR, INFO
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -27,7 +28,6 @@ from zk0.evaluate import evaluate_dataset
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_shapes, trainable_state
 from zk0.reasons import error_reason
 from zk0.registry import DatasetEntry, load_registry, parse_camera_map
-from zk0.strategy import payload_config
 from zk0.train import train_steps
 
 app = ClientApp()
@@ -42,8 +42,7 @@ class ClientRuntime:
     partition_id: int
     policy: torch.nn.Module
     split: DatasetSplit
-    fingerprint: str
-    shapes: dict[str, tuple[int, ...]]
+    wire: transport.Wire
     loader: torch.utils.data.DataLoader
     processors: dict[str, tuple] = field(default_factory=dict)
 
@@ -79,9 +78,9 @@ def runtime(context: Context) -> ClientRuntime:
         split = open_split(entry, policy.config, cfg.held_out_fraction, cfg.split_seed)
         log(INFO, "zk0 client %s: cameras %s", split.entry.name, describe_cameras(split.entry.cameras, split.meta,
                                                                                    policy.config))
-        _RUNTIMES[key] = ClientRuntime(cfg, partition_id, policy, split, base_fingerprint(policy),
-                                       trainable_shapes(policy), train_loader(split.train, cfg.batch_size,
-                                                                              cfg.num_workers))
+        wire = transport.Wire("client", base_fingerprint(policy), cfg.transport_dtype, trainable_shapes(policy))
+        _RUNTIMES[key] = ClientRuntime(cfg, partition_id, policy, split, wire,
+                                       train_loader(split.train, cfg.batch_size, cfg.num_workers))
     return _RUNTIMES[key]
 
 
@@ -101,17 +100,14 @@ def answers_errors(handler: Callable[[Message, Context], Message]) -> Callable[[
     return wrapped
 
 
-def receive_global(rt: ClientRuntime, msg: Message) -> tuple[dict[str, torch.Tensor], ConfigRecord]:
-    """Verify the server's payload against its digest and our base, then load it into the policy."""
+def receive_global(rt: ClientRuntime, msg: Message) -> tuple[dict[str, torch.Tensor], ConfigRecord, Any, Any]:
+    """Verify the server's payload against its seal and our base, load it into the policy, and build the
+    pre/post processors with the federation's pooled stats it carries."""
     config, arrays = msg.content["config"], msg.content["arrays"]
-    if config["base-fingerprint"] != rt.fingerprint:
-        raise transport.PayloadError("the server's frozen base differs from this client's: check model-name and seed")
-    if config["transport-dtype"] != rt.cfg.transport_dtype:
-        raise transport.PayloadError(f"server sent {config['transport-dtype']}, client expects {rt.cfg.transport_dtype}")
-    transport.check(arrays, str(config["payload-digest"]), rt.shapes)
-    weights = transport.decode(arrays, rt.cfg.transport_dtype)
+    weights = rt.wire.open(arrays, config)
     load_trainable(rt.policy, weights)
-    return weights, config
+    pre, post = rt.pre_post(str(config["norm-stats"]))
+    return weights, config, pre, post
 
 
 def about(rt: ClientRuntime) -> dict[str, int | str]:
@@ -134,19 +130,17 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train from the received global tensors and reply with the verified update."""
     rt = runtime(context)
-    weights, config = receive_global(rt, msg)
-    pre, _ = rt.pre_post(str(config["norm-stats"]))
+    weights, config, pre, _ = receive_global(rt, msg)
     round_seed = rt.cfg.seed + 1000 * int(config["server-round"]) + rt.partition_id
     torch.manual_seed(round_seed)  # flow-matching noise
     stream = batches(rt.loader, round_seed, rt.split.entry.cameras)
     result = train_steps(rt.policy, pre, stream, steps=rt.cfg.local_steps, lr=float(config["lr"]),
                          mu=float(config["proximal-mu"]), grad_clip_norm=rt.cfg.grad_clip_norm)
     update = {n: p.detach().cpu().float() - weights[n] for n, p in trainable_state(rt.policy).items()}
-    arrays = transport.encode(update, rt.cfg.transport_dtype)
+    arrays, seal = rt.wire.seal(update)
     metrics = MetricRecord({"train-loss": result.loss, "proximal": result.proximal, "grad-norm": result.grad_norm,
                             "steps": result.steps, "lr": float(config["lr"]), "num-examples": result.frames})
-    payload = ConfigRecord({**payload_config(arrays, rt.fingerprint, rt.cfg.transport_dtype), **about(rt),
-                            "server-round": int(config["server-round"])})
+    payload = ConfigRecord({**seal, **about(rt), "server-round": int(config["server-round"])})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "payload": payload}), reply_to=msg)
 
 
@@ -155,8 +149,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's held-out episodes."""
     rt = runtime(context)
-    _, config = receive_global(rt, msg)
-    pre, post = rt.pre_post(str(config["norm-stats"]))
+    _, config, pre, post = receive_global(rt, msg)
     result = evaluate_dataset(rt.policy, pre, post, rt.split.held_out, rt.split.entry.cameras, rt.cfg)
     metrics = MetricRecord({"eval-loss": result["loss"], "eval-action-mae": result["action_mae"],
                             "num-examples": int(result["frames"])})

@@ -1,4 +1,9 @@
-"""ServerApp: wires config, policy, strategy, evaluation, checkpoints and tracking for one run."""
+"""ServerApp: the federated round loop over Flower's grid, for a new run folder or a resumed one.
+
+The strategy (:mod:`zk0.strategy`) verifies and aggregates, the run's state and the end of a
+round live in :mod:`zk0.rounds`; this module drives them phase by phase and evaluates the
+global model on the server.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import time
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from lerobot.policies.factory import make_pre_post_processors
@@ -20,12 +25,21 @@ from zk0.evaluate import evaluate_dataset
 from zk0.flower_seams import set_reply_sender
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.registry import Registry, load_registry
-from zk0.report import progress_line, summary_table
-from zk0.sim.policy_eval import evaluate_in_sim, policy_image_size, simulator_tasks
-from zk0.strategy import Event, RoundFailed, SmolVLAStrategy, checked_query, screen, sender
+from zk0.report import summary_table
+from zk0.rounds import Event, RoundEnd, RoundState, report
+from zk0.strategy import RoundFailed, SmolVLAStrategy, checked_query, judge, passed, sender
 from zk0.tracking import Tracker, write_charts
 
 app = ServerApp()
+
+
+def closed_loop_tasks(cfg: RunConfig, registry: Registry) -> list[str]:
+    """The simulator tasks to roll out; the simulator (MuJoCo) is loaded only when closed-loop evaluation is on."""
+    if not cfg.sim_eval_every:
+        return []
+    from zk0.sim.policy_eval import simulator_tasks
+
+    return simulator_tasks(cfg, registry)
 
 
 @app.main()
@@ -33,24 +47,17 @@ def main(grid: Grid, context: Context) -> None:
     """Run (or resume) ``num-server-rounds`` rounds and leave everything in the run folder."""
     cfg = RunConfig.from_run_config(context.run_config)
     registry = load_registry(cfg.datasets, cfg.registry)
-    simulator_tasks(cfg, registry)  # a config that cannot work fails before any work
+    closed_loop_tasks(cfg, registry)  # a config that cannot work fails before any work
     policy = build_policy(cfg, cfg.server_device)
     fingerprint = base_fingerprint(policy)
-    run, state, attempt = open_run(cfg, registry, fingerprint, context.run_id)
-    tracker = Tracker(run.root, cfg, resume_after=state.server_round if state else None)
+    run, saved, attempt = open_run(cfg, registry, fingerprint, context.run_id)
+    tracker = Tracker(run.root, cfg, resume_after=saved.server_round if saved else None)
     audit = AuditLog(run.root, context.run_id, attempt)
     try:
-        if state:
-            random.setstate(state.python_rng)
-            torch.set_rng_state(state.torch_rng)
-            master, norm_stats, first = state.master, state.norm_stats, state.server_round + 1
-        else:
-            random.seed(cfg.seed)  # Flower samples nodes with the random module
-            norm_stats = gather_norm_stats(grid, cfg, audit, feature_sizes(policy.config), tracker.log)
-            master, first = trainable_state(policy), 0
-        strategy = SmolVLAStrategy(cfg, master, fingerprint, norm_stats, tracker.log, audit)
-        round_end = RoundEnd(cfg, registry, run, policy, strategy, tracker)
-        run_rounds(grid, cfg, strategy, round_end, first)
+        state = start_state(grid, cfg, policy, fingerprint, saved, audit, tracker.log)
+        round_end = ServerRoundEnd(cfg, registry, run, policy, state, tracker)
+        run_rounds(grid, SmolVLAStrategy(cfg, state.wire), state, round_end, run,
+                   first=saved.server_round + 1 if saved else 0)
     finally:
         tracker.close()
         write_charts(run.root)
@@ -74,45 +81,63 @@ def open_run(cfg: RunConfig, registry: Registry, fingerprint: str,
     return run, state, run.add_flower_run(run_id)
 
 
-def run_rounds(grid: Grid, cfg: RunConfig, strategy: SmolVLAStrategy, round_end: RoundEnd, first: int) -> None:
-    """Rounds ``first..num-server-rounds``: train, federated evaluation, server evaluation, save state.
+def start_state(grid: Grid, cfg: RunConfig, policy, fingerprint: str, saved: ServerState | None, audit: AuditLog,
+                on_event: Event) -> RoundState:
+    """A resumed run's saved state, or a new run's: the initial trainable tensors and the clients' pooled stats."""
+    if saved:
+        return RoundState.resumed(saved, cfg, audit, on_event)
+    random.seed(cfg.seed)  # Flower samples nodes with the random module
+    norm_stats = gather_norm_stats(grid, cfg, audit, feature_sizes(policy.config), on_event)
+    return RoundState(cfg, trainable_state(policy), norm_stats, fingerprint, audit, on_event)
+
+
+def run_rounds(grid: Grid, strategy: SmolVLAStrategy, state: RoundState, round_end: RoundEnd, run: RunFolder,
+               first: int) -> None:
+    """Rounds ``first..num-server-rounds``: train, federated evaluation, end of round, save state.
 
     Round 0 (``first == 0``, a new run) only evaluates the initial model on clients and server:
     the baseline every later round is compared with.
     """
-    if first == 0:
-        exchange(grid, cfg, 0, "evaluate", strategy.configure_evaluate(0, strategy.encoded_master(), ConfigRecord(),
-                                                                        grid), strategy)
-        round_end(0)
-        save_state(0, cfg, strategy, round_end.run)
-    for server_round in range(max(first, 1), cfg.num_server_rounds + 1):
-        log(INFO, "zk0 round %d/%d", server_round, cfg.num_server_rounds)
-        exchange(grid, cfg, server_round, "train",
-                 strategy.configure_train(server_round, strategy.encoded_master(), ConfigRecord(), grid), strategy)
-        exchange(grid, cfg, server_round, "evaluate",
-                 strategy.configure_evaluate(server_round, strategy.encoded_master(), ConfigRecord(), grid), strategy)
-        round_end(server_round)
-        save_state(server_round, cfg, strategy, round_end.run)
+    for server_round in range(first, state.cfg.num_server_rounds + 1):
+        state.server_round = server_round
+        if server_round:
+            log(INFO, "zk0 round %d/%d", server_round, state.cfg.num_server_rounds)
+            arrays, config = state.sealed()
+            messages = list(strategy.configure_train(server_round, arrays, config, grid))
+            receive_train(strategy, state, exchange(grid, state, "train", arrays, messages))
+        arrays, config = state.sealed()
+        messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
+        if messages:
+            receive_evaluate(strategy, state, exchange(grid, state, "evaluate", arrays, messages))
+        round_end(server_round, state.traffic())
+        state.save(run)
 
 
-def save_state(server_round: int, cfg: RunConfig, strategy: SmolVLAStrategy, run: RunFolder) -> None:
-    """The state a resumed run continues from (after the last completed round)."""
-    ServerState(server_round, strategy.master, strategy.norm_stats, cfg.to_run_config(), strategy.fingerprint,
-                random.getstate(), torch.get_rng_state()).save(run)
-
-
-def exchange(grid: Grid, cfg: RunConfig, server_round: int, phase: str, messages, strategy: SmolVLAStrategy) -> None:
-    """Send one phase's messages, wait up to ``round-timeout``, log who never answered, aggregate."""
-    messages = list(messages)
-    replies = send(grid, cfg, server_round, phase, messages, strategy.audit)
+def exchange(grid: Grid, state: RoundState, phase: str, arrays: ArrayRecord,
+             messages: list[Message]) -> list[Message]:
+    """Send one phase's messages (each carrying ``arrays``), wait up to ``round-timeout``, report who never answered."""
+    state.sent(phase, arrays, messages)
+    replies = send(grid, state.cfg, state.server_round, phase, messages, state.audit)
     answered = {r.metadata.src_node_id for r in replies}
     for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
-        strategy.on_event({"round": server_round, "source": "server", "event": "missing-reply", "phase": phase,
-                           "node": node})
-    if phase == "train":
-        strategy.aggregate_train(server_round, replies)
-    elif messages:
-        strategy.aggregate_evaluate(server_round, replies)
+        state.on_event({"round": state.server_round, "source": "server", "event": "missing-reply", "phase": phase,
+                        "node": node})
+    return replies
+
+
+def receive_train(strategy: SmolVLAStrategy, state: RoundState, replies: list[Message]) -> None:
+    """Verify the train replies, record every verdict, and apply the accepted updates' mean to the global tensors."""
+    verdicts = strategy.verify_train(state.server_round, replies)
+    state.received("train", verdicts)
+    update, _ = strategy.aggregate_train(state.server_round, verdicts)  # the clients' metrics are logged one by one
+    state.apply(update)
+
+
+def receive_evaluate(strategy: SmolVLAStrategy, state: RoundState, replies: list[Message]) -> MetricRecord | None:
+    """Verify the evaluate replies, record every verdict; the accepted held-out metrics' weighted mean."""
+    verdicts = strategy.verify_evaluate(state.server_round, replies)
+    state.received("evaluate", verdicts)
+    return strategy.aggregate_evaluate(state.server_round, verdicts)
 
 
 def send(grid: Grid, cfg: RunConfig, server_round: int, phase: str, messages: list[Message],
@@ -151,16 +176,18 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog, sizes: dict[s
     for message in messages:
         audit.sent(0, "query", message)
     replies = send(grid, cfg, 0, "query", messages, audit)
-    reported = screen(0, "query", replies, lambda reply: checked_query(reply, sizes), audit, on_event)
+    verdicts = [judge(reply, lambda reply: checked_query(reply, sizes)) for reply in replies]
+    report(0, "query", verdicts, audit, on_event)
+    reported = passed(verdicts)
     if len(reported) < cfg.min_stats_clients:
         raise RoundFailed(f"{len(reported)} of {len(nodes)} clients reported plausible dataset stats, below "
                           f"min-stats-clients={cfg.min_stats_clients}: pooled stats of fewer let each client infer "
                           f"the others'; connect more nodes (or lower it if every owner accepts that)")
     if len(reported) < needed:
         raise RoundFailed(f"{len(reported)} of {len(nodes)} clients reported plausible dataset stats; need {needed}")
-    reported.sort(key=lambda item: sender(item[0], "stats"))  # a fixed pooling order: same stats, same bits
-    warn_about_stats([reply.metadata.src_node_id for reply, _ in reported], [stats for _, stats in reported])
-    return pool_reports([stats for _, stats in reported])
+    reported.sort(key=lambda verdict: sender(verdict.reply, "stats"))  # fixed pooling order: same stats, same bits
+    warn_about_stats([verdict.reply.metadata.src_node_id for verdict in reported], [v.value for v in reported])
+    return pool_reports([verdict.value for verdict in reported])
 
 
 def warn_about_stats(nodes: list[int], reports: list[dict]) -> None:
@@ -172,47 +199,20 @@ def warn_about_stats(nodes: list[int], reports: list[dict]) -> None:
             "(min-stats-clients allows it)")
 
 
-class RoundEnd:
-    """Called by the strategy after each round (and at round 0): evaluate, checkpoint, report."""
+class ServerRoundEnd(RoundEnd):
+    """The server's end of a round: the global model on the unseen-task sets and in the simulator; its checkpoint."""
 
-    def __init__(self, cfg: RunConfig, registry: Registry, run: RunFolder, policy, strategy: SmolVLAStrategy,
+    def __init__(self, cfg: RunConfig, registry: Registry, run: RunFolder, policy, state: RoundState,
                  tracker: Tracker) -> None:
-        self.cfg, self.registry, self.run, self.policy = cfg, registry, run, policy
-        self.strategy, self.tracker = strategy, tracker
-        self.stats = decode_stats(strategy.norm_stats)
+        self.registry, self.run, self.policy, self.state = registry, run, policy, state
+        self.stats = decode_stats(state.norm_stats)
         self.pre, self.post = make_pre_post_processors(policy.config, dataset_stats=self.stats)
         self.eval_sets = [open_full(e, policy.config) for e in registry.server_eval]
-        self.sim_tasks = simulator_tasks(cfg, registry)
-        self.started = time.monotonic()
+        super().__init__(cfg, tracker, closed_loop_tasks(cfg, registry))
 
-    def __call__(self, server_round: int) -> None:
-        evaluating, checkpointing = self.cfg.evaluates(server_round), self.cfg.checkpoints(server_round)
-        sim_evaluating = bool(self.sim_tasks) and self.cfg.sim_evaluates(server_round)
-        if evaluating or checkpointing or sim_evaluating:
-            load_trainable(self.policy, self.strategy.master)
-        if evaluating:
-            self.evaluate(server_round)
-        if sim_evaluating:
-            self.evaluate_in_sim(server_round)
-        self.tracker.log({"round": server_round, "source": "server", "event": "round",
-                          "bytes-down": self.strategy.bytes_down, "bytes-up": self.strategy.bytes_up,
-                          "seconds": round(time.monotonic() - self.started, 2)})
-        self.strategy.bytes_down = self.strategy.bytes_up = 0
-        self.started = time.monotonic()
-        summary = self.tracker.round_summary(server_round)
-        if checkpointing:
-            card = model_card(self.cfg, self.registry, server_round, summary, self.strategy.fingerprint)
-            save_checkpoint(self.run.checkpoint(server_round), self.policy, self.stats, card)
-        log(INFO, "%s", progress_line(server_round, self.cfg.num_server_rounds, summary))
-
-    def evaluate_in_sim(self, server_round: int) -> None:
-        """Closed-loop success rate on the registry's simulator tasks; one MP4 per task under ``videos/``."""
-        videos = self.run.root / "videos" / f"round_{server_round}"
-        results = evaluate_in_sim(self.policy, self.pre, self.post, self.sim_tasks, self.cfg.sim_eval_episodes,
-                                  self.cfg.seed, policy_image_size(self.policy), videos)
-        for task, res in results.items():
-            self.tracker.log({"round": server_round, "source": "server", "event": "sim-eval", "dataset": task,
-                              "success-rate": res["success-rate"], "episodes": res["episodes"]})
+    def prepare(self) -> None:
+        """Put the global tensors into the server's policy."""
+        load_trainable(self.policy, self.state.master)
 
     @torch.no_grad()
     def evaluate(self, server_round: int) -> None:
@@ -221,3 +221,19 @@ class RoundEnd:
             res = evaluate_dataset(self.policy, self.pre, self.post, dataset, entry.cameras, self.cfg)
             self.tracker.log({"round": server_round, "source": "server", "dataset": entry.name,
                               "eval-loss": res["loss"], "eval-action-mae": res["action_mae"]})
+
+    def evaluate_in_sim(self, server_round: int) -> None:
+        """Closed-loop success rate on the registry's simulator tasks; one MP4 per task under ``videos/``."""
+        from zk0.sim.policy_eval import evaluate_in_sim, policy_image_size
+
+        videos = self.run.root / "videos" / f"round_{server_round}"
+        results = evaluate_in_sim(self.policy, self.pre, self.post, self.sim_tasks, self.cfg.sim_eval_episodes,
+                                  self.cfg.seed, policy_image_size(self.policy), videos)
+        for task, res in results.items():
+            self.tracker.log({"round": server_round, "source": "server", "event": "sim-eval", "dataset": task,
+                              "success-rate": res["success-rate"], "episodes": res["episodes"]})
+
+    def checkpoint(self, server_round: int, summary: dict[str, float]) -> None:
+        """The global model as a LeRobot policy folder, with this round's card."""
+        card = model_card(self.cfg, self.registry, server_round, summary, self.state.fingerprint)
+        save_checkpoint(self.run.checkpoint(server_round), self.policy, self.stats, card)

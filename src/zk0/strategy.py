@@ -1,43 +1,49 @@
-"""The zk0 Flower strategy: FedProx/FedAvg over trainable tensors with verified payloads.
+"""The zk0 Flower strategy: FedProx/FedAvg over trainable tensors, verified reply by reply; no run state.
 
 Extends Flower's ``FedAvg`` where the earlier design fell short:
 
 * per-round values (learning rate, proximal mu) are computed here and sent in the round
   config; clients use what they receive;
-* the server keeps the global trainable tensors in fp32 and sends them in the transport
-  dtype; clients answer with their *update* (trained minus received), so bf16 transport
-  does not swallow small steps; updates are averaged in fp32, weighted by ``num-examples``;
-* every payload carries its SHA-256 digest and the frozen-base fingerprint; an update that
-  fails verification, is non-finite or too large is rejected with a logged reason and the
-  round goes on with the others, unless fewer than ``min-train-nodes`` remain;
+* the server sends the global trainable tensors sealed in the transport dtype; clients answer
+  with their *update* (trained minus received), so bf16 transport does not swallow small
+  steps; :meth:`SmolVLAStrategy.aggregate_train` returns the updates' fp32 mean, weighted by
+  ``num-examples``, and the round loop (:mod:`zk0.rounds`) adds it to the fp32 global tensors;
+* every payload is sealed with its SHA-256 digest and the frozen-base fingerprint
+  (:class:`zk0.transport.Wire`); an update that fails verification, is non-finite or too large
+  is refused with a reason and the round goes on with the others, unless fewer than
+  ``min-train-nodes`` remain;
 * nothing a node sends is trusted: a reply with a missing or malformed field, or a
   ``num-examples`` weight that is not a whole number of frames its steps could have used,
-  is rejected the same way, as is a reply for another round (a replay), and every reason is
-  stored as one short line; the query phase's dataset statistics are checked as strictly
+  is refused the same way, as is a reply for another round (a replay), and every reason is
+  one short line; the query phase's dataset statistics are checked as strictly
   (:func:`checked_query`).
+
+As Flower's strategies do, replies are verified first and aggregated over what passed; here
+verification is its own step (``verify_*``, one :class:`Verdict` per reply) so the round loop
+can audit every verdict, and ``aggregate_*`` take those verdicts. The run's state (global
+tensors, stats, byte counters, audit, events) lives in :class:`zk0.rounds.RoundState`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
-from logging import WARNING
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from zk0 import transport
-from zk0.audit import AuditLog
 from zk0.config import RunConfig
 from zk0.data import parse_stats
 from zk0.flower_seams import weighted_metrics
 from zk0.reasons import error_reason, one_line
 
-Event = Callable[[dict], None]
 MAX_NODE_FRAMES = 10_000_000  # bounds a query reply's num-examples: the server cannot know a node's dataset size
+Update = tuple[dict[str, torch.Tensor], int]  # a train reply's decoded update and its num-examples weight
 
 
 def round_lr(cfg: RunConfig, server_round: int) -> float:
@@ -54,143 +60,113 @@ def round_lr(cfg: RunConfig, server_round: int) -> float:
     return cfg.lr
 
 
-def payload_config(arrays: ArrayRecord, fingerprint: str, dtype: str) -> dict[str, str]:
-    """What accompanies every payload so the receiver can verify it."""
-    return {"payload-digest": transport.digest(arrays), "base-fingerprint": fingerprint, "transport-dtype": dtype}
-
-
 class RoundFailed(RuntimeError):
     """Too few valid updates arrived to aggregate a round."""
 
 
-class SmolVLAStrategy(FedAvg):
-    """FedProx (or FedAvg, ``mu = 0``) over SmolVLA's trainable tensors."""
+@dataclass(frozen=True)
+class Verdict[T]:
+    """One reply after verification: what its check returned, or why it was refused."""
 
-    def __init__(self, cfg: RunConfig, master: dict[str, torch.Tensor], fingerprint: str,
-                 norm_stats: str, on_event: Event, audit: AuditLog) -> None:
+    reply: Message
+    value: T | None = None
+    reason: str | None = None
+    nbytes: int = 0  # payload bytes that matched their digest, counted as received even if refused afterwards
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason is None
+
+
+def judge[T](reply: Message, check: Callable[[Message], T]) -> Verdict[T]:
+    """``check``'s verdict on ``reply``: a reply that fails it, or cannot be read, is refused in one line."""
+    try:
+        return Verdict(reply, check(reply))
+    except (KeyError, TypeError, ValueError) as err:  # a PayloadError is a ValueError
+        return Verdict(reply, reason=_failure(err))
+
+
+def passed[T](verdicts: Iterable[Verdict[T]]) -> list[Verdict[T]]:
+    """The accepted verdicts, in their order."""
+    return [verdict for verdict in verdicts if verdict.accepted]
+
+
+class SmolVLAStrategy(FedAvg):
+    """FedProx (or FedAvg, ``mu = 0``) over SmolVLA's trainable tensors, as they travel on the server's ``wire``."""
+
+    def __init__(self, cfg: RunConfig, wire: transport.Wire) -> None:
         super().__init__(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                          min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
                          min_available_nodes=max(cfg.min_train_nodes, cfg.min_evaluate_nodes, 1))
-        self.cfg = cfg
-        self.master = {n: t.detach().to("cpu", torch.float32).clone() for n, t in master.items()}
-        self.shapes = {n: tuple(t.shape) for n, t in self.master.items()}
-        self.fingerprint = fingerprint
-        self.norm_stats = norm_stats
-        self.on_event = on_event
-        self.audit = audit
-        self.bytes_down = self.bytes_up = 0
-
-    def encoded_master(self) -> ArrayRecord:
-        """The global trainable tensors as they go on the wire."""
-        return transport.encode(self.master, self.cfg.transport_dtype)
-
-    def _round_config(self, config: ConfigRecord, arrays: ArrayRecord) -> ConfigRecord:
-        out = ConfigRecord(dict(config))
-        out.update(payload_config(arrays, self.fingerprint, self.cfg.transport_dtype))
-        out["norm-stats"] = self.norm_stats
-        return out
+        self.cfg, self.wire = cfg, wire
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Add this round's lr, mu and the payload's digest and base fingerprint."""
-        config = self._round_config(config, arrays)
-        config["lr"] = round_lr(self.cfg, server_round)
-        config["proximal-mu"] = self.cfg.effective_mu
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._sent(server_round, "train", arrays, messages)
-        return messages
+        """Add this round's lr and mu to the sealed payload's config."""
+        config = ConfigRecord({**config, "lr": round_lr(self.cfg, server_round),
+                               "proximal-mu": self.cfg.effective_mu})
+        return list(super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Federated evaluation every ``eval-every`` rounds and at the last round."""
         if not self.cfg.evaluates(server_round):
             return []
-        messages = list(super().configure_evaluate(server_round, arrays, self._round_config(config, arrays), grid))
-        self._sent(server_round, "evaluate", arrays, messages)
-        return messages
+        return list(super().configure_evaluate(server_round, arrays, config, grid))
 
-    def _sent(self, server_round: int, phase: str, arrays: ArrayRecord, messages: list[Message]) -> None:
-        self.bytes_down += transport.nbytes(arrays) * len(messages)
-        for message in messages:
-            self.audit.sent(server_round, phase, message)
+    def verify_train(self, server_round: int, replies: Iterable[Message]) -> list[Verdict[Update]]:
+        """Each train reply's verdict: its decoded update and weight, once every field the server uses checks out."""
+        return [self._judge_update(reply, server_round) for reply in replies]
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Verify each update, then apply their fp32 weighted mean to the global tensors."""
-        accepted = self._screen(server_round, "train", "client", replies,
-                                lambda reply: self._verified_update(reply, server_round))
-        if len(accepted) < max(1, self.cfg.min_train_nodes):
-            raise RoundFailed(f"round {server_round}: {len(accepted)} valid update(s), fewer than "
-                              f"min-train-nodes={self.cfg.min_train_nodes}; stopping rather than "
-                              "aggregating too few clients")
-        accepted.sort(key=lambda item: sender(item[0], "payload"))  # a fixed summation order: same inputs, same bits
-        total = sum(weight for _, (_, weight) in accepted)
-        for name in self.master:
-            self.master[name] += sum(update[name] * (weight / total) for _, (update, weight) in accepted)
-        return self.encoded_master(), _mean_metrics([reply for reply, _ in accepted])
+    def _judge_update(self, reply: Message, server_round: int) -> Verdict[Update]:
+        """The reply's fields and seal first, then the update they carry; bytes count once they match their digest."""
+        sealed = judge(reply, lambda checked: self._sealed_payload(checked, server_round))
+        if not sealed.accepted:
+            return Verdict(reply, reason=sealed.reason)
+        arrays, weight = sealed.value
+        update = judge(reply, lambda _: (self._plausible_update(arrays), weight))
+        return dataclasses.replace(update, nbytes=transport.nbytes(arrays))
 
-    def _screen[T](self, server_round: int, phase: str, source: str, replies: Iterable[Message],
-                   check: Callable[[Message], T]) -> list[tuple[Message, T]]:
-        """:func:`screen`, logging each passed reply's metrics as ``source``."""
-        passed = screen(server_round, phase, replies, check, self.audit, self.on_event)
-        for reply, _ in passed:
-            self._client_event(server_round, source, reply)
-        return passed
-
-    def _verified_update(self, reply: Message, server_round: int) -> tuple[dict[str, torch.Tensor], int]:
-        """A train reply's update and its weight, once every field the server uses has been checked."""
+    def _sealed_payload(self, reply: Message, server_round: int) -> tuple[ArrayRecord, int]:
+        """A train reply's payload, verified against its seal, and its ``num-examples`` weight."""
         weight = checked_reply(reply, self.cfg.local_steps * self.cfg.batch_size, server_round)
-        arrays, meta = reply.content.array_records["arrays"], reply.content.config_records["payload"]
-        if meta["base-fingerprint"] != self.fingerprint:
-            raise transport.PayloadError("frozen-base fingerprint differs from the server's")
-        if meta["transport-dtype"] != self.cfg.transport_dtype:
-            raise transport.PayloadError(f"transport dtype {meta['transport-dtype']} != {self.cfg.transport_dtype}")
-        transport.check(arrays, str(meta["payload-digest"]), self.shapes)
-        self.bytes_up += transport.nbytes(arrays)
-        update = transport.decode(arrays, self.cfg.transport_dtype)
+        arrays = reply.content.array_records["arrays"]
+        self.wire.verify(arrays, reply.content.config_records["payload"])
+        return arrays, weight
+
+    def _plausible_update(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The decoded update, unless non-finite or larger than ``max-update-norm``."""
+        update = transport.decode(arrays, self.wire.dtype)
         if not all(torch.isfinite(t).all() for t in update.values()):
             raise transport.PayloadError("update has non-finite values")
         norm = math.sqrt(sum(float((t**2).sum()) for t in update.values()))
         if self.cfg.max_update_norm and norm > self.cfg.max_update_norm:
             raise transport.PayloadError(f"update norm {norm:.3g} exceeds max-update-norm={self.cfg.max_update_norm}")
-        return update, weight
+        return update
 
-    def _client_event(self, server_round: int, source: str, reply: Message) -> None:
-        about = reply.content["payload"]
-        base = {"base": str(about["base-fingerprint"])[:16]} if "base-fingerprint" in about else {}
-        self.on_event({**dict(reply.content["metrics"]),  # the server's fields last: a node cannot overwrite them
-                       "round": server_round, "source": source, "node": reply.metadata.src_node_id,
-                       "partition": about["partition-id"], "dataset": about["dataset"], **base})
+    def aggregate_train(self, server_round: int,
+                        verdicts: list[Verdict[Update]]) -> tuple[ArrayRecord, MetricRecord]:
+        """The accepted updates' fp32 mean weighted by ``num-examples`` (as fp32 arrays), and their mean metrics."""
+        accepted = passed(verdicts)
+        if len(accepted) < max(1, self.cfg.min_train_nodes):
+            raise RoundFailed(f"round {server_round}: {len(accepted)} valid update(s), fewer than "
+                              f"min-train-nodes={self.cfg.min_train_nodes}; stopping rather than "
+                              "aggregating too few clients")
+        accepted.sort(key=lambda verdict: sender(verdict.reply, "payload"))  # a fixed order: same inputs, same bits
+        total = sum(weight for _, weight in (verdict.value for verdict in accepted))
+        mean = {name: sum(update[name] * (weight / total) for update, weight in (v.value for v in accepted))
+                for name in self.wire.shapes}
+        return transport.encode(mean, "fp32"), _mean_metrics([verdict.reply for verdict in accepted])
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Log each client's held-out metrics, then their weighted mean."""
+    def verify_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[Verdict[int]]:
+        """Each evaluate reply's verdict: its ``num-examples`` weight, once its fields check out."""
         limit = self.cfg.eval_batches * self.cfg.batch_size
-        valid = self._screen(server_round, "evaluate", "client-eval", replies,
-                             lambda reply: checked_reply(reply, limit, server_round))
-        return _mean_metrics([reply for reply, _ in valid]) if valid else None
+        return [judge(reply, lambda checked: checked_reply(checked, limit, server_round)) for reply in replies]
 
-
-def screen[T](server_round: int, phase: str, replies: Iterable[Message], check: Callable[[Message], T],
-              audit: AuditLog, on_event: Event) -> list[tuple[Message, T]]:
-    """Replies that pass ``check``, with what it returned; each other one is rejected and the round goes on."""
-    passed = []
-    for reply in replies:
-        try:
-            passed.append((reply, check(reply)))
-        except (KeyError, TypeError, ValueError) as err:  # a PayloadError is a ValueError
-            reject(server_round, phase, reply, _failure(err), audit, on_event)
-            continue
-        audit.received(server_round, phase, reply, accepted=True)
-    return passed
-
-
-def reject(server_round: int, phase: str, reply: Message, reason: str, audit: AuditLog, on_event: Event) -> None:
-    """Log, audit and report a refused reply, with its reason as one line."""
-    node, reason = reply.metadata.src_node_id, one_line(reason)
-    log(WARNING, "round %d: rejected %s reply from node %s: %s", server_round, phase, node, reason)
-    audit.received(server_round, phase, reply, accepted=False, reason=reason)
-    on_event({"round": server_round, "source": "server", "event": "rejected-update", "phase": phase, "node": node,
-              "reason": reason})
+    def aggregate_evaluate(self, server_round: int, verdicts: list[Verdict[int]]) -> MetricRecord | None:
+        """The accepted replies' held-out metrics, weighted by ``num-examples``."""
+        accepted = passed(verdicts)
+        return _mean_metrics([verdict.reply for verdict in accepted]) if accepted else None
 
 
 def checked_reply(reply: Message, max_examples: int, server_round: int) -> int:

@@ -6,36 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT
-from flwr.common.config import get_fused_config_from_dir
-from test_integration import run_federation
+from conftest import FAST
+from federation import CLIENTS, ROUNDS, config_for, shared_runs
 
 from zk0.tools import baseline
 from zk0.config import ConfigError, RunConfig
 from zk0.data import open_metadata
 from zk0.registry import RegistryError, load_registry
 from zk0.tracking import read_metrics
-
-ROUNDS = 2
-CLIENTS = len(load_registry("embedded").clients)
-_RUNS: dict[str, Path] = {}
-
-
-def config_for(output_dir: Path, **overrides) -> dict:
-    """One run config for every mode. fp32 transport: federated clients then evaluate the exact initial weights."""
-    return get_fused_config_from_dir(ROOT, {**FAST, "num-server-rounds": ROUNDS, "transport-dtype": "fp32",
-                                            "output-dir": str(output_dir), **overrides})
-
-
-def shared_runs(tmp_path_factory) -> dict[str, Path]:
-    """A federated run and both baselines of the same config, made once per session (test_compare reuses them)."""
-    if not _RUNS:
-        out = tmp_path_factory.mktemp("runs")
-        _RUNS["fedprox"], _ = run_federation(config_for(out / "fedprox"), num_nodes=CLIENTS)
-        for mode in baseline.MODES:
-            cfg = RunConfig.from_run_config(config_for(out / mode))
-            _RUNS[mode] = baseline.run_baseline(cfg, mode)
-    return _RUNS
 
 
 @pytest.fixture(scope="module")

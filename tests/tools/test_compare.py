@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_baseline import shared_runs
+from federation import shared_runs
 
 from zk0.tools.compare import CompareError, compare, load_run
 

@@ -6,7 +6,8 @@ clients``). ``local``: every client trains alone on its own episodes (``local-st
 round) and never sees another client's update. Both write a run folder shaped like a
 federated run's (``config.json`` plus ``"mode"``, ``metrics.jsonl`` with the same record
 shapes, charts, checkpoints), so :mod:`zk0.tracking`, :mod:`zk0.report` and
-:mod:`zk0.tools.compare` treat all runs alike.
+:mod:`zk0.tools.compare` treat all runs alike: :class:`Centralized` and :class:`Local` end
+every round with the server's steps (:class:`zk0.rounds.RoundEnd`).
 
 Everything that decides a number is shared with the federation: the episode split
 (``held-out-fraction``, ``split-seed``), the initial weights (``build_policy``), the
@@ -29,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
-import time
+from abc import abstractmethod
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
@@ -47,7 +48,8 @@ from zk0.data import (DatasetSplit, batches, decode_stats, encode_stats, open_fu
 from zk0.evaluate import evaluate_dataset
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.registry import DatasetEntry, Registry, RegistryError, load_registry
-from zk0.report import progress_line, summary_table
+from zk0.report import summary_table
+from zk0.rounds import RoundEnd
 from zk0.sim.policy_eval import evaluate_in_sim, policy_image_size, simulator_tasks
 from zk0.strategy import round_lr
 from zk0.tracking import Tracker, write_charts
@@ -55,6 +57,7 @@ from zk0.train import train_steps
 
 MODES = BASELINE_MODES
 POOLED, POOLED_NAME = -1, "pooled"  # partition and dataset of centralized training records
+NO_TRAFFIC = {"bytes-down": 0, "bytes-up": 0}  # nothing travels in a baseline
 
 
 def run_baseline(cfg: RunConfig, mode: str, num_clients: int | None = None) -> Path:
@@ -67,7 +70,8 @@ def run_baseline(cfg: RunConfig, mode: str, num_clients: int | None = None) -> P
         raise ConfigError(f"baseline mode must be one of {'|'.join(MODES)}, got {mode!r}")
     if cfg.resume_from:
         raise ConfigError("baselines cannot resume: run-config 'resume-from' must be empty")
-    return Baseline(cfg, mode, _clients(load_registry(cfg.datasets, cfg.registry), num_clients)).run()
+    baseline = {kind.mode: kind for kind in (Centralized, Local)}[mode]
+    return baseline(cfg, _clients(load_registry(cfg.datasets, cfg.registry), num_clients)).run()
 
 
 def _clients(registry: Registry, num_clients: int | None) -> Registry:
@@ -110,21 +114,43 @@ class _Renamed(torch.utils.data.Dataset):
         return {k: v for k, v in item.items() if k in self.keys}
 
 
-class Baseline:
-    """One baseline run: data and policy opened once, then rounds of training and evaluation."""
+class Baseline(RoundEnd):
+    """One baseline run: data and policy opened once, then rounds of training, each ended as the server ends one.
 
-    def __init__(self, cfg: RunConfig, mode: str, registry: Registry) -> None:
-        self.cfg, self.mode, self.registry = cfg, mode, registry
+    The two modes differ only in their learners, the steps each takes per round, which
+    held-out episodes each is evaluated on, and how their records and checkpoints are shaped.
+    """
+
+    mode: str
+
+    def __init__(self, cfg: RunConfig, registry: Registry) -> None:
+        self.cfg, self.registry = cfg, registry
         self.policy = build_policy(cfg)
         self.splits = [open_split(e, self.policy.config, cfg.held_out_fraction, cfg.split_seed)
                        for e in registry.clients]
         self.eval_sets = [open_full(e, self.policy.config) for e in registry.server_eval]
-        self.learners = self._pooled_learner() if mode == "centralized" else self._local_learners()
-        self.sim_tasks = simulator_tasks(cfg, load_registry(cfg.datasets, cfg.registry))  # as the server: the whole profile
+        self.learners = self.make_learners()
+        sim_tasks = simulator_tasks(cfg, load_registry(cfg.datasets, cfg.registry))  # as the server: the whole profile
         self.fingerprint = base_fingerprint(self.policy)
-        self.run_folder = RunFolder.create(cfg.output_dir, mode, secrets.randbits(63))
+        self.run_folder = RunFolder.create(cfg.output_dir, self.mode, secrets.randbits(63))
         self._write_config()
-        self.tracker = Tracker(self.run_folder.root, cfg)
+        super().__init__(cfg, Tracker(self.run_folder.root, cfg), sim_tasks)
+
+    @abstractmethod
+    def make_learners(self) -> list[Learner]:
+        """The models this mode trains."""
+
+    @abstractmethod
+    def steps_per_round(self) -> int:
+        """Optimizer steps of each learner in one round, as many as its part of a federated round has."""
+
+    @abstractmethod
+    def assignments(self) -> list[tuple[Learner, list[tuple[int, DatasetSplit]]]]:
+        """Which learner is evaluated on which client's held-out episodes."""
+
+    @abstractmethod
+    def checkpoint_folder(self, server_round: int, learner: Learner) -> Path:
+        """Where ``learner``'s LeRobot policy folder of ``server_round`` goes."""
 
     def _learner(self, partition: int, name: str, stats: dict, dataset: torch.utils.data.Dataset,
                  cameras: dict[str, str]) -> Learner:
@@ -132,18 +158,6 @@ class Baseline:
         pre, post = make_pre_post_processors(self.policy.config, dataset_stats=stats)
         return Learner(partition, name, weights, stats, train_loader(dataset, self.cfg.batch_size,
                                                                      self.cfg.num_workers), cameras, pre, post)
-
-    def _pooled_learner(self) -> list[Learner]:
-        """All clients' training episodes in one loader, normalised with their pooled stats."""
-        stats = decode_stats(pool_stats([encode_stats(vector_stats(s.train)) for s in self.splits]))
-        keys = frozenset.intersection(*(frozenset(rename_cameras(s.train[0], s.entry.cameras)) for s in self.splits))
-        pooled = torch.utils.data.ConcatDataset([_Renamed(s.train, s.entry.cameras, keys) for s in self.splits])
-        return [self._learner(POOLED, POOLED_NAME, stats, pooled, {})]
-
-    def _local_learners(self) -> list[Learner]:
-        """One learner per client, each normalised with its own training episodes' stats."""
-        return [self._learner(i, s.entry.name, decode_stats(encode_stats(vector_stats(s.train))), s.train,
-                              s.entry.cameras) for i, s in enumerate(self.splits)]
 
     def _write_config(self) -> None:
         """The federated run's ``config.json`` plus ``"mode"``: what compare labels the run by."""
@@ -154,13 +168,11 @@ class Baseline:
     def run(self) -> Path:
         """Round 0 evaluates the initial weights; rounds 1..N train, then evaluate."""
         log(INFO, "zk0 %s baseline, run folder: %s", self.mode, self.run_folder.root)
-        started = time.monotonic()
         try:
             for server_round in range(self.cfg.num_server_rounds + 1):
                 if server_round:
                     self.train(server_round)
-                self.end_round(server_round, started)
-                started = time.monotonic()
+                self(server_round, NO_TRAFFIC)
         finally:
             self.tracker.close()
             write_charts(self.run_folder.root)
@@ -168,10 +180,6 @@ class Baseline:
         for line in summary_table(rows):
             log(INFO, "%s", line)
         return self.run_folder.root
-
-    def steps_per_round(self) -> int:
-        """A federated round's optimizer steps: all of them for the pooled model, one client's each locally."""
-        return self.cfg.local_steps * (len(self.splits) if self.mode == "centralized" else 1)
 
     def train(self, server_round: int) -> None:
         """Train every learner one round from where it stopped, seeded as the federated clients are."""
@@ -188,27 +196,6 @@ class Baseline:
                               "grad-norm": result.grad_norm, "steps": result.steps, "lr": lr,
                               "num-examples": result.frames})
 
-    def end_round(self, server_round: int, started: float) -> None:
-        """Evaluate, log the round, checkpoint and report, on the federated run's schedule."""
-        cfg = self.cfg
-        if cfg.evaluates(server_round):
-            self.evaluate(server_round)
-        if self.sim_tasks and cfg.sim_evaluates(server_round):
-            self.evaluate_in_sim(server_round)
-        self.tracker.log({"round": server_round, "source": "server", "event": "round", "bytes-down": 0,
-                          "bytes-up": 0, "seconds": round(time.monotonic() - started, 2)})
-        summary = self.tracker.round_summary(server_round)
-        if cfg.checkpoints(server_round):
-            self.checkpoint(server_round, summary)
-        log(INFO, "%s", progress_line(server_round, cfg.num_server_rounds, summary))
-
-    def assignments(self) -> list[tuple[Learner, list[tuple[int, DatasetSplit]]]]:
-        """Which learner is evaluated on which client's held-out episodes (local: its own only)."""
-        indexed = list(enumerate(self.splits))
-        if self.mode == "centralized":
-            return [(self.learners[0], indexed)]
-        return [(learner, [indexed[learner.partition]]) for learner in self.learners]
-
     def evaluate(self, server_round: int) -> None:
         """Held-out episodes of every client (``client-eval``) and the unseen sets (``server``)."""
         unseen: dict[str, list[tuple[int, dict[str, float]]]] = {e.name: [] for e, _ in self.eval_sets}
@@ -224,7 +211,7 @@ class Baseline:
                 unseen[entry.name].append((learner.partition,
                                            {"eval-loss": res["loss"], "eval-action-mae": res["action_mae"]}))
         for name, values in unseen.items():
-            self.tracker.log(self._server_record(server_round, name, values))
+            self.tracker.log(self.server_record(server_round, name, values))
 
     def _evaluate(self, learner: Learner, dataset: torch.utils.data.Dataset, entry: DatasetEntry) -> dict[str, float]:
         return evaluate_dataset(self.policy, learner.pre, learner.post, dataset, entry.cameras, self.cfg)
@@ -239,26 +226,72 @@ class Baseline:
             for task, res in results.items():
                 per_task[task].append((learner.partition, {"success-rate": res["success-rate"]}))
         for task, values in per_task.items():
-            record = self._server_record(server_round, task, values)
+            record = self.server_record(server_round, task, values)
             self.tracker.log(record | {"event": "sim-eval", "episodes": self.cfg.sim_eval_episodes})
 
-    def _server_record(self, server_round: int, name: str, values: list[tuple[int, dict[str, float]]]) -> dict:
-        """A federated-shaped server record: the mean over learners, each learner's own value when several."""
-        record = {"round": server_round, "source": "server", "dataset": name,
-                  **{k: mean(v[k] for _, v in values) for k in values[0][1]}}
-        if self.mode == "local":
-            record["by-partition"] = [{"partition": p, **v} for p, v in values]
-        return record
+    def server_record(self, server_round: int, name: str, values: list[tuple[int, dict[str, float]]]) -> dict:
+        """A federated-shaped server record: the mean over learners."""
+        return {"round": server_round, "source": "server", "dataset": name,
+                **{k: mean(v[k] for _, v in values) for k in values[0][1]}}
 
     def checkpoint(self, server_round: int, summary: dict[str, float]) -> None:
-        """LeRobot policy folders: ``round_<N>/`` (centralized) or ``round_<N>/partition_<i>/`` (local)."""
+        """Every learner as a LeRobot policy folder (:meth:`checkpoint_folder`), with the round's card."""
         card = model_card(dataclasses.replace(self.cfg, strategy=self.mode), self.registry, server_round, summary,
                           self.fingerprint)
         for learner in self.learners:
             load_trainable(self.policy, learner.weights)
-            folder = self.run_folder.checkpoint(server_round)
-            if self.mode == "local":
-                folder = folder / f"partition_{learner.partition}"
-            save_checkpoint(folder, self.policy, learner.stats, card)
+            save_checkpoint(self.checkpoint_folder(server_round, learner), self.policy, learner.stats, card)
 
 
+class Centralized(Baseline):
+    """One policy on the pooled training episodes of every client, with a whole federated round's steps."""
+
+    mode = "centralized"
+
+    def make_learners(self) -> list[Learner]:
+        """All clients' training episodes in one loader, normalised with their pooled stats."""
+        stats = decode_stats(pool_stats([encode_stats(vector_stats(s.train)) for s in self.splits]))
+        keys = frozenset.intersection(*(frozenset(rename_cameras(s.train[0], s.entry.cameras)) for s in self.splits))
+        pooled = torch.utils.data.ConcatDataset([_Renamed(s.train, s.entry.cameras, keys) for s in self.splits])
+        return [self._learner(POOLED, POOLED_NAME, stats, pooled, {})]
+
+    def steps_per_round(self) -> int:
+        """All the optimizer steps a federated round performs: ``local-steps`` of every client."""
+        return self.cfg.local_steps * len(self.splits)
+
+    def assignments(self) -> list[tuple[Learner, list[tuple[int, DatasetSplit]]]]:
+        """The pooled model on every client's held-out episodes."""
+        return [(self.learners[0], list(enumerate(self.splits)))]
+
+    def checkpoint_folder(self, server_round: int, learner: Learner) -> Path:
+        """``round_<N>/``, as a federated run's."""
+        return self.run_folder.checkpoint(server_round)
+
+
+class Local(Baseline):
+    """Every client trains alone on its own episodes and never sees another client's update."""
+
+    mode = "local"
+
+    def make_learners(self) -> list[Learner]:
+        """One learner per client, each normalised with its own training episodes' stats."""
+        return [self._learner(i, s.entry.name, decode_stats(encode_stats(vector_stats(s.train))), s.train,
+                              s.entry.cameras) for i, s in enumerate(self.splits)]
+
+    def steps_per_round(self) -> int:
+        """One client's optimizer steps of a federated round."""
+        return self.cfg.local_steps
+
+    def assignments(self) -> list[tuple[Learner, list[tuple[int, DatasetSplit]]]]:
+        """Each client's policy on its own held-out episodes only."""
+        indexed = list(enumerate(self.splits))
+        return [(learner, [indexed[learner.partition]]) for learner in self.learners]
+
+    def server_record(self, server_round: int, name: str, values: list[tuple[int, dict[str, float]]]) -> dict:
+        """The mean over the clients' policies, and each one's own value under ``by-partition``."""
+        return super().server_record(server_round, name, values) | {
+            "by-partition": [{"partition": p, **v} for p, v in values]}
+
+    def checkpoint_folder(self, server_round: int, learner: Learner) -> Path:
+        """``round_<N>/partition_<i>/``: one policy per client."""
+        return self.run_folder.checkpoint(server_round) / f"partition_{learner.partition}"

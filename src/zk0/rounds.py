@@ -1,0 +1,166 @@
+"""The round loop's state and the end of every round, shared by the ServerApp and the baselines.
+
+:class:`RoundState` is what a federated run carries from one round to the next: the round,
+the global trainable tensors in fp32, the pooled normalisation stats, the server's end of
+the wire (frozen-base fingerprint, dtype, tensor shapes), the bytes sent and received, the
+audit log and the event sink. The strategy only verifies and aggregates; this applies its
+result, records every verdict, and saves what a resumed run continues from
+(``server_state.pt``, :class:`zk0.checkpoint.ServerState`).
+
+:class:`RoundEnd` is the end of a round, the same for a federated run and a baseline:
+evaluate, evaluate in the simulator, log the round, checkpoint and report, on one schedule.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.logger import log
+
+from zk0 import transport
+from zk0.audit import AuditLog
+from zk0.checkpoint import RunFolder, ServerState
+from zk0.config import RunConfig
+from zk0.reasons import one_line
+from zk0.report import progress_line
+from zk0.strategy import Verdict
+from zk0.tracking import Tracker
+
+Event = Callable[[dict], None]
+SOURCES = {"train": "client", "evaluate": "client-eval"}  # phase: the source its replies' metrics are logged as
+
+
+@dataclass
+class RoundState:
+    """Everything the server loop carries between rounds, and what a resumed run restores."""
+
+    cfg: RunConfig
+    master: dict[str, torch.Tensor]
+    norm_stats: str
+    fingerprint: str
+    audit: AuditLog
+    on_event: Event
+    server_round: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    wire: transport.Wire = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.master = {n: t.detach().to("cpu", torch.float32).clone() for n, t in self.master.items()}
+        shapes = {n: tuple(t.shape) for n, t in self.master.items()}
+        self.wire = transport.Wire("server", self.fingerprint, self.cfg.transport_dtype, shapes)
+
+    @classmethod
+    def resumed(cls, saved: ServerState, cfg: RunConfig, audit: AuditLog, on_event: Event) -> RoundState:
+        """The state saved after ``saved.server_round``, random generators included: the run goes on unchanged."""
+        random.setstate(saved.python_rng)
+        torch.set_rng_state(saved.torch_rng)
+        return cls(cfg, saved.master, saved.norm_stats, saved.fingerprint, audit, on_event, saved.server_round)
+
+    def save(self, run: RunFolder) -> None:
+        """The state a resumed run continues from, after the round just completed."""
+        ServerState(self.server_round, self.master, self.norm_stats, self.cfg.to_run_config(), self.fingerprint,
+                    random.getstate(), torch.get_rng_state()).save(run)
+
+    def sealed(self) -> tuple[ArrayRecord, ConfigRecord]:
+        """The global tensors as they go on the wire, with their seal and the federation's normalisation stats."""
+        arrays, seal = self.wire.seal(self.master)
+        return arrays, ConfigRecord({**seal, "norm-stats": self.norm_stats})
+
+    def sent(self, phase: str, arrays: ArrayRecord, messages: list[Message]) -> None:
+        """Count and audit the messages of ``phase``, each carrying ``arrays``."""
+        self.bytes_down += transport.nbytes(arrays) * len(messages)
+        for message in messages:
+            self.audit.sent(self.server_round, phase, message)
+
+    def received(self, phase: str, verdicts: list[Verdict]) -> None:
+        """Record every verdict, count the bytes received, and log each accepted reply's metrics."""
+        report(self.server_round, phase, verdicts, self.audit, self.on_event)
+        self.bytes_up += sum(verdict.nbytes for verdict in verdicts)
+        for verdict in verdicts:
+            if verdict.accepted:
+                self._client_event(SOURCES[phase], verdict.reply)
+
+    def _client_event(self, source: str, reply: Message) -> None:
+        about = reply.content["payload"]
+        base = {"base": str(about["base-fingerprint"])[:16]} if "base-fingerprint" in about else {}
+        self.on_event({**dict(reply.content["metrics"]),  # the server's fields last: a node cannot overwrite them
+                       "round": self.server_round, "source": source, "node": reply.metadata.src_node_id,
+                       "partition": about["partition-id"], "dataset": about["dataset"], **base})
+
+    def apply(self, update: ArrayRecord) -> None:
+        """Add the aggregated fp32 update to the global tensors."""
+        for name, delta in transport.decode(update, "fp32").items():
+            self.master[name] += delta
+
+    def traffic(self) -> dict[str, int]:
+        """This round's bytes sent and received, as the round record names them; the counts start again."""
+        counts = {"bytes-down": self.bytes_down, "bytes-up": self.bytes_up}
+        self.bytes_down = self.bytes_up = 0
+        return counts
+
+
+def report(server_round: int, phase: str, verdicts: list[Verdict], audit: AuditLog, on_event: Event) -> None:
+    """Audit every reply of ``phase``; log and report each refused one, with its reason as one line."""
+    for verdict in verdicts:
+        if verdict.accepted:
+            audit.received(server_round, phase, verdict.reply, accepted=True)
+            continue
+        node, reason = verdict.reply.metadata.src_node_id, one_line(verdict.reason)
+        log(WARNING, "round %d: rejected %s reply from node %s: %s", server_round, phase, node, reason)
+        audit.received(server_round, phase, verdict.reply, accepted=False, reason=reason)
+        on_event({"round": server_round, "source": "server", "event": "rejected-update", "phase": phase,
+                  "node": node, "reason": reason})
+
+
+class RoundEnd(ABC):
+    """The end of a round, on the run's schedule: evaluate, evaluate in the simulator, log the round, checkpoint.
+
+    Subclasses say how their model (the server's global one, a baseline's learners) is
+    evaluated and saved; the schedule, the round record and the progress line are shared, so
+    a baseline's run folder reads like a federated run's.
+    """
+
+    def __init__(self, cfg: RunConfig, tracker: Tracker, sim_tasks: list[str]) -> None:
+        self.cfg, self.tracker, self.sim_tasks = cfg, tracker, sim_tasks
+        self.started = time.monotonic()
+
+    def __call__(self, server_round: int, traffic: dict[str, int]) -> None:
+        """End ``server_round``; ``traffic`` is its bytes sent and received."""
+        evaluating, checkpointing = self.cfg.evaluates(server_round), self.cfg.checkpoints(server_round)
+        sim_evaluating = bool(self.sim_tasks) and self.cfg.sim_evaluates(server_round)
+        if evaluating or sim_evaluating or checkpointing:
+            self.prepare()
+        if evaluating:
+            self.evaluate(server_round)
+        if sim_evaluating:
+            self.evaluate_in_sim(server_round)
+        self.tracker.log({"round": server_round, "source": "server", "event": "round", **traffic,
+                          "seconds": round(time.monotonic() - self.started, 2)})
+        self.started = time.monotonic()
+        summary = self.tracker.round_summary(server_round)
+        if checkpointing:
+            self.checkpoint(server_round, summary)
+        log(INFO, "%s", progress_line(server_round, self.cfg.num_server_rounds, summary))
+
+    def prepare(self) -> None:
+        """Called once before a round's evaluations and checkpoint; a subclass that loads per model needs nothing."""
+
+    @abstractmethod
+    def evaluate(self, server_round: int) -> None:
+        """Offline evaluation, logged as ``server`` (unseen sets) and, for baselines, ``client-eval`` records."""
+
+    @abstractmethod
+    def evaluate_in_sim(self, server_round: int) -> None:
+        """Closed-loop success rate on the registry's simulator tasks."""
+
+    @abstractmethod
+    def checkpoint(self, server_round: int, summary: dict[str, float]) -> None:
+        """Save the round's model(s) as LeRobot policy folders, with a card showing ``summary``."""
