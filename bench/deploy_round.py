@@ -99,7 +99,8 @@ class Federation:
 
     def _start_all(self) -> None:
         server = self.folder / "server"
-        settings = server_folder.init_server(server, [], "127.0.0.1", processes.free_port(), control_port=processes.free_port())
+        settings = server_folder.init_server(server, [], "127.0.0.1", processes.free_port(),
+                                             control_port=processes.free_port())
         server_folder.write_connection(server / "flwr", server_folder.control_address(settings), None)
         self._start(server, "superlink", commands.superlink_command(server, insecure=True))
         processes.wait_listening(server, "superlink", "127.0.0.1", settings.control_port, timeout=60)

@@ -68,10 +68,11 @@ def start_servers(folder: Path) -> tuple[int, int, list[subprocess.Popen]]:
     """The upstream and the proxy (as ``zk0 server start`` runs it), each its own process; their ports."""
     upstream, proxy = processes.free_port(), processes.free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(upstream), str(folder)]),
-             subprocess.Popen([sys.executable, "-m", "zk0.deploy.fleet_proxy", "--host", "127.0.0.1", "--port", str(proxy),
-                               "--upstream", f"https://127.0.0.1:{upstream}", "--certfile", str(folder / "server.crt"),
-                               "--keyfile", str(folder / "server.key"), "--cafile", str(folder / "ca.crt")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})]
+             subprocess.Popen([sys.executable, "-m", "zk0.deploy.fleet_proxy", "--host", "127.0.0.1",
+                               "--port", str(proxy), "--upstream", f"https://127.0.0.1:{upstream}",
+                               "--certfile", str(folder / "server.crt"), "--keyfile", str(folder / "server.key"),
+                               "--cafile", str(folder / "ca.crt")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})]
     deadline = time.monotonic() + 300
     while not (processes.accepts("127.0.0.1", upstream) and processes.accepts("127.0.0.1", proxy)):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a server did not start"

@@ -71,7 +71,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/gpu_round.py needs a CUDA GPU (or --device cpu --model tiny for a dry run)")
     start = time.perf_counter()
-    policy = build_policy(RunConfig(model_name=args.model, chunk_size=CHUNK, device=args.device))
+    policy = build_policy(RunConfig.flat(model_name=args.model, chunk_size=CHUNK, device=args.device))
     build_s = time.perf_counter() - start
     total = sum(p.numel() for p in policy.parameters())
     trainable = sum(t.numel() for t in trainable_state(policy).values())

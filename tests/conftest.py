@@ -70,7 +70,7 @@ def round_state(tmp_path, events, server_identity):
     from zk0.config import RunConfig
     from zk0.rounds import RoundState
 
-    cfg = RunConfig(transport_dtype="fp32", min_train_nodes=1, local_steps=2, batch_size=4, eval_batches=1)
+    cfg = RunConfig.flat(transport_dtype="fp32", min_train_nodes=1, local_steps=2, batch_size=4, eval_batches=1)
     return RoundState(cfg, {"a": torch.randn(3, 2), "b": torch.randn(4)}, "stats", "base", AuditLog(tmp_path),
                       events.append, server_round=1)
 

@@ -52,7 +52,7 @@ def origin(tmp_path_factory):
 def policy(origin):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("ZK0_CACHE", str(origin))
-        return build_policy(RunConfig(chunk_size=5, device="cpu"))
+        return build_policy(RunConfig.flat(chunk_size=5, device="cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_load_checkpoint_resolves_the_carried_vlm(policy, moved, expected):
 
 
 def test_run_continues_from_a_moved_checkpoint(policy, moved):
-    again = build_policy(RunConfig(model_name=str(moved), chunk_size=5, device="cpu"))
+    again = build_policy(RunConfig.flat(model_name=str(moved), chunk_size=5, device="cpu"))
     assert again.config.vlm_model_name == str(moved / VLM_FOLDER)
     ours = trainable_state(policy)
     assert all(torch.equal(ours[n], t) for n, t in trainable_state(again).items())

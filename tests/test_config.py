@@ -13,38 +13,39 @@ def test_defaults_parse_from_pyproject(run_config):
     raw = run_config()
     cfg = RunConfig.from_run_config(raw)
     # values from [tool.flwr.app.config] in pyproject.toml
-    assert cfg.num_server_rounds == 3
-    assert cfg.strategy == "fedprox"
-    assert cfg.proximal_mu == pytest.approx(0.01)
-    assert cfg.lr == pytest.approx(1e-3)
-    assert cfg.lr_schedule == "cosine"
-    assert cfg.model_name == "tiny"
-    assert cfg.transport_dtype == "bf16"
-    assert cfg.datasets == "embedded"
-    assert cfg.use_wandb is False
+    assert cfg.federation.num_server_rounds == 3
+    assert cfg.federation.strategy == "fedprox"
+    assert cfg.federation.proximal_mu == pytest.approx(0.01)
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.train.lr_schedule == "cosine"
+    assert cfg.model.model_name == "tiny"
+    assert cfg.transport.transport_dtype == "bf16"
+    assert cfg.data.datasets == "embedded"
+    assert cfg.tracking.use_wandb is False
     # the fixture's FAST overrides went through
-    assert cfg.local_steps == 2
-    assert cfg.batch_size == 4
-    assert cfg.eval_batches == 1
-    assert cfg.output_dir == raw["output-dir"]
+    assert cfg.train.local_steps == 2
+    assert cfg.train.batch_size == 4
+    assert cfg.eval.eval_batches == 1
+    assert cfg.tracking.output_dir == raw["output-dir"]
     # every pyproject key is a RunConfig field
-    assert set(raw) == {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
+    assert set(raw) == set(RunConfig().to_run_config())
 
 
 def test_pyproject_defaults_agree_with_dataclass_defaults(run_config):
-    raw = run_config(**{"local-steps": 20, "batch-size": 8, "eval-batches": 4, "output-dir": "outputs"})
+    raw = run_config(**{"local-steps": 20, "batch-size": 8, "eval-batches": 4, "min-stats-clients": 3,
+                        "output-dir": "outputs"})
     assert RunConfig.from_run_config(raw) == RunConfig()
 
 
 def test_overrides_by_key_or_python_name(run_config):
     cfg = RunConfig.from_run_config(run_config(**{"num-server-rounds": 5}, lr_schedule="linear"))
-    assert cfg.num_server_rounds == 5
-    assert cfg.lr_schedule == "linear"
+    assert cfg.federation.num_server_rounds == 5
+    assert cfg.train.lr_schedule == "linear"
 
 
 def test_int_accepted_for_float_field(run_config):
     cfg = RunConfig.from_run_config(run_config(lr=1))
-    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
 
 
 def test_unknown_key_rejected_and_named(run_config):
@@ -131,12 +132,12 @@ def test_ranges_rejected(run_config, key, value):
 ])
 def test_range_boundaries_accepted(run_config, key, value):
     cfg = RunConfig.from_run_config(run_config(**{key: value}))
-    assert getattr(cfg, key.replace("-", "_")) == value
+    assert cfg.to_run_config()[key] == value
 
 
 def test_effective_mu():
-    assert RunConfig(strategy="fedavg", proximal_mu=0.5).effective_mu == 0.0
-    assert RunConfig(strategy="fedprox", proximal_mu=0.5).effective_mu == 0.5
+    assert RunConfig.flat(strategy="fedavg", proximal_mu=0.5).federation.effective_mu == 0.0
+    assert RunConfig.flat(strategy="fedprox", proximal_mu=0.5).federation.effective_mu == 0.5
 
 
 def test_to_run_config_round_trips(run_config):
@@ -149,12 +150,12 @@ def test_to_run_config_round_trips(run_config):
 
 def test_run_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        RunConfig().lr = 1.0  # type: ignore[misc]
+        RunConfig().train.lr = 1.0  # type: ignore[misc]
 
 
 def test_round_schedules():
-    cfg = RunConfig(num_server_rounds=7, eval_every=3, sim_eval_every=5, checkpoint_interval=2)
+    cfg = RunConfig.flat(num_server_rounds=7, eval_every=3, sim_eval_every=5, checkpoint_interval=2)
     assert [r for r in range(8) if cfg.evaluates(r)] == [0, 3, 6, 7]
     assert [r for r in range(8) if cfg.sim_evaluates(r)] == [0, 5, 7]
     assert [r for r in range(8) if cfg.checkpoints(r)] == [2, 4, 6, 7]
-    assert not any(RunConfig(sim_eval_every=0).sim_evaluates(r) for r in range(4))
+    assert not any(RunConfig.flat(sim_eval_every=0).sim_evaluates(r) for r in range(4))

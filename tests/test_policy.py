@@ -14,7 +14,7 @@ from zk0.policy import (SMOLVLA_SIZE, ModelUnavailable, base_fingerprint, build_
 
 
 def make(seed: int = 42, chunk_size: int = 5):
-    return build_policy(RunConfig(seed=seed, chunk_size=chunk_size, device="cpu"))
+    return build_policy(RunConfig.flat(seed=seed, chunk_size=chunk_size, device="cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_policy_config(policy):
     assert policy.config.action_feature.shape == (6,)
     assert next(policy.parameters()).device.type == "cpu"
     cfg = tiny_config(chunk_size=3, device="cpu")
-    assert cfg.chunk_size == 3 and cfg.vlm_model_name == str(tiny.ensure_tiny_vlm())
+    assert cfg.model.chunk_size == 3 and cfg.vlm_model_name == str(tiny.ensure_tiny_vlm())
 
 
 def test_trainable_state(policy):
@@ -113,7 +113,7 @@ def test_smolvla_size_has_smolvla_base_architecture():
 def test_pretrained_hub_model_offline_fails_fast():
     start = time.monotonic()
     with pytest.raises(ModelUnavailable) as err:
-        build_policy(RunConfig(model_name="lerobot/smolvla_base", device="cpu"))
+        build_policy(RunConfig.flat(model_name="lerobot/smolvla_base", device="cpu"))
     assert time.monotonic() - start < 10
     message = str(err.value)
     assert "lerobot/smolvla_base" in message
@@ -127,7 +127,7 @@ def test_pretrained_missing_local_folder_fails_fast(monkeypatch, hub_offline):
     monkeypatch.setenv("HF_HUB_OFFLINE", hub_offline)
     start = time.monotonic()
     with pytest.raises(ModelUnavailable) as err:
-        build_policy(RunConfig(model_name="/nonexistent/model", device="cpu"))
+        build_policy(RunConfig.flat(model_name="/nonexistent/model", device="cpu"))
     assert time.monotonic() - start < 10
     assert "/nonexistent/model" in str(err.value)
 
@@ -135,7 +135,7 @@ def test_pretrained_missing_local_folder_fails_fast(monkeypatch, hub_offline):
 def test_pretrained_folder_that_is_not_a_model(tmp_path):
     start = time.monotonic()
     with pytest.raises(ModelUnavailable) as err:
-        build_policy(RunConfig(model_name=str(tmp_path), device="cpu"))
+        build_policy(RunConfig.flat(model_name=str(tmp_path), device="cpu"))
     assert time.monotonic() - start < 10
     assert str(tmp_path) in str(err.value)
 

@@ -24,7 +24,7 @@ CHUNK, BATCH = 5, 4
 def split(tmp_path_factory):
     root = synthetic.generate(synthetic.TASKS["green-right"], tmp_path_factory.mktemp("train") / "ds",
                               episodes=3, frames=12, image_size=tiny.IMAGE_SIZE, seed=1)
-    policy = build_policy(RunConfig(chunk_size=CHUNK, device="cpu"))
+    policy = build_policy(RunConfig.flat(chunk_size=CHUNK, device="cpu"))
     return data.open_split(DatasetEntry(uri=f"local:{root}"), policy.config, 0.3, 0)  # 2 train, 1 held out
 
 
@@ -34,7 +34,7 @@ def stats(split):
 
 
 def fresh_policy(seed: int = 42):
-    return build_policy(RunConfig(chunk_size=CHUNK, device="cpu", seed=seed))
+    return build_policy(RunConfig.flat(chunk_size=CHUNK, device="cpu", seed=seed))
 
 
 @pytest.fixture(scope="module")

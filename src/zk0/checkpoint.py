@@ -241,11 +241,11 @@ library_name: lerobot
 pipeline_tag: robotics
 tags: [smolvla, federated-learning, flower, zk0, so101]
 ---
-# zk0 federated SmolVLA — round {server_round} of {cfg.num_server_rounds}
+# zk0 federated SmolVLA — round {server_round} of {cfg.federation.num_server_rounds}
 
 SmolVLA policy trained with zk0 (Flower {version('flwr')}, LeRobot {version('lerobot')})
-using **{cfg.strategy}** (proximal mu {cfg.effective_mu}) across {len(registry.clients)} clients.
-Base model: `{cfg.model_name}`; frozen-base fingerprint `{fingerprint[:16]}`.
+using **{cfg.federation.strategy}** (proximal mu {cfg.federation.effective_mu}) across {len(registry.clients)} clients.
+Base model: `{cfg.model.model_name}`; frozen-base fingerprint `{fingerprint[:16]}`.
 Normalisation statistics: pooled (count-weighted) from the clients' training episodes.
 
 ## Metrics at round {server_round}

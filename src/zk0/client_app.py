@@ -65,7 +65,7 @@ def dataset_entry(cfg: RunConfig, context: Context) -> tuple[int, DatasetEntry]:
         cameras = parse_camera_map(str(node_config.get("cameras", "")))
         return int(node_config.get("partition-id", -1)), DatasetEntry(uri=str(node_config["dataset"]), cameras=cameras)
     partition_id = int(node_config["partition-id"])
-    return partition_id, load_registry(cfg.datasets, cfg.registry).client(partition_id)
+    return partition_id, load_registry(cfg.data.datasets, cfg.data.registry).client(partition_id)
 
 
 def runtime(context: Context) -> ClientRuntime:
@@ -75,12 +75,13 @@ def runtime(context: Context) -> ClientRuntime:
         cfg = RunConfig.from_run_config(context.run_config)
         partition_id, entry = dataset_entry(cfg, context)
         policy = build_policy(cfg)
-        split = open_split(entry, policy.config, cfg.held_out_fraction, cfg.split_seed)
+        split = open_split(entry, policy.config, cfg.data.held_out_fraction, cfg.data.split_seed)
         log(INFO, "zk0 client %s: cameras %s", split.entry.name, describe_cameras(split.entry.cameras, split.meta,
                                                                                    policy.config))
-        wire = transport.Wire("client", base_fingerprint(policy), cfg.transport_dtype, trainable_shapes(policy))
+        wire = transport.Wire("client", base_fingerprint(policy), cfg.transport.transport_dtype,
+                              trainable_shapes(policy))
         _RUNTIMES[key] = ClientRuntime(cfg, partition_id, policy, split, wire,
-                                       train_loader(split.train, cfg.batch_size, cfg.num_workers))
+                                       train_loader(split.train, cfg.train.batch_size, cfg.train.num_workers))
     return _RUNTIMES[key]
 
 
@@ -134,8 +135,8 @@ def train(msg: Message, context: Context) -> Message:
     round_seed = rt.cfg.seed + 1000 * int(config["server-round"]) + rt.partition_id
     torch.manual_seed(round_seed)  # flow-matching noise
     stream = batches(rt.loader, round_seed, rt.split.entry.cameras)
-    result = train_steps(rt.policy, pre, stream, steps=rt.cfg.local_steps, lr=float(config["lr"]),
-                         mu=float(config["proximal-mu"]), grad_clip_norm=rt.cfg.grad_clip_norm)
+    result = train_steps(rt.policy, pre, stream, steps=rt.cfg.train.local_steps, lr=float(config["lr"]),
+                         mu=float(config["proximal-mu"]), grad_clip_norm=rt.cfg.train.grad_clip_norm)
     update = {n: p.detach().cpu().float() - weights[n] for n, p in trainable_state(rt.policy).items()}
     arrays, seal = rt.wire.seal(update)
     metrics = MetricRecord({"train-loss": result.loss, "proximal": result.proximal, "grad-norm": result.grad_norm,

@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 STRATEGIES = ("fedprox", "fedavg")
@@ -31,12 +31,38 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Validated run configuration (field ``foo_bar`` is run-config key ``foo-bar``)."""
+class FederationConfig:
+    """Who takes part in a round, how long the server waits, and the FedProx/FedAvg strategy."""
 
     num_server_rounds: int = 3
     strategy: str = "fedprox"
     proximal_mu: float = 0.01
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    fraction_evaluate: float = 1.0
+    min_evaluate_nodes: int = 2
+    min_stats_clients: int = 3
+    round_timeout: float = 3600.0
+
+    @property
+    def effective_mu(self) -> float:
+        """The proximal coefficient actually applied: FedAvg is FedProx with mu = 0."""
+        return self.proximal_mu if self.strategy == "fedprox" else 0.0
+
+    def validate(self) -> None:
+        _choice("strategy", self.strategy, STRATEGIES)
+        _at_least(1, num_server_rounds=self.num_server_rounds, min_stats_clients=self.min_stats_clients)
+        _at_least(0, proximal_mu=self.proximal_mu, min_train_nodes=self.min_train_nodes,
+                  min_evaluate_nodes=self.min_evaluate_nodes)
+        _fractions(fraction_train=self.fraction_train, fraction_evaluate=self.fraction_evaluate)
+        if self.round_timeout <= 0:
+            raise ConfigError(f"run-config 'round-timeout' must be > 0 seconds, got {self.round_timeout}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A client's local training: steps, batches, the optimizer and its per-round schedule, where it runs."""
+
     local_steps: int = 20
     batch_size: int = 8
     lr: float = 1e-3
@@ -44,96 +70,189 @@ class RunConfig:
     lr_min_factor: float = 0.1
     warmup_rounds: int = 0
     grad_clip_norm: float = 10.0
-    seed: int = 42
+    device: str = "auto"
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("device", self.device, DEVICES)
+        _at_least(1, local_steps=self.local_steps, batch_size=self.batch_size)
+        _at_least(0, lr=self.lr, grad_clip_norm=self.grad_clip_norm, warmup_rounds=self.warmup_rounds,
+                  num_workers=self.num_workers)
+        _fractions(lr_min_factor=self.lr_min_factor)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy every party builds: the base model and its action chunk."""
+
     model_name: str = "tiny"
     chunk_size: int = 10
-    device: str = "auto"
-    server_device: str = "auto"
-    transport_dtype: str = "bf16"
-    fraction_train: float = 1.0
-    min_train_nodes: int = 2
-    fraction_evaluate: float = 1.0
-    min_evaluate_nodes: int = 2
-    min_stats_clients: int = 3
-    round_timeout: float = 3600.0
-    max_update_norm: float = 1000.0
+
+    def validate(self) -> None:
+        _at_least(1, chunk_size=self.chunk_size)
+        if not self.model_name:
+            raise ConfigError("run-config 'model-name' is empty; use \"tiny\" or a hub id / local folder")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which datasets (registry profile and file) and how each is split into training and held-out episodes."""
+
+    datasets: str = "embedded"
+    registry: str = ""
+    held_out_fraction: float = 0.2
+    split_seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 < self.held_out_fraction < 1.0:
+            raise ConfigError(f"run-config 'held-out-fraction' must be in (0, 1), got {self.held_out_fraction}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Offline (held-out and unseen datasets) and closed-loop (simulator) evaluation, and the server's device."""
+
     eval_every: int = 1
     eval_batches: int = 4
     sim_eval_every: int = 0
     sim_eval_episodes: int = 5
-    held_out_fraction: float = 0.2
-    split_seed: int = 0
-    checkpoint_interval: int = 5
-    datasets: str = "embedded"
-    registry: str = ""
-    num_workers: int = 0
+    server_device: str = "auto"
+
+    def validate(self) -> None:
+        _choice("server-device", self.server_device, DEVICES)
+        _at_least(1, eval_every=self.eval_every, eval_batches=self.eval_batches,
+                  sim_eval_episodes=self.sim_eval_episodes)
+        _at_least(0, sim_eval_every=self.sim_eval_every)
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """What crosses the wire: the tensors' dtype and the update norm the server accepts."""
+
+    transport_dtype: str = "bf16"
+    max_update_norm: float = 1000.0
+
+    def validate(self) -> None:
+        _choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
+        _at_least(0, max_update_norm=self.max_update_norm)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where a run's folder goes, how often it checkpoints, W&B, and the run folder it resumes."""
+
     output_dir: str = "outputs"
+    checkpoint_interval: int = 5
     use_wandb: bool = False
     wandb_project: str = "zk0"
     resume_from: str = ""
 
+    def validate(self) -> None:
+        _at_least(1, checkpoint_interval=self.checkpoint_interval)
+
+
+GROUPS = {"federation": FederationConfig, "train": TrainConfig, "model": ModelConfig, "data": DataConfig,
+          "eval": EvalConfig, "transport": TransportConfig, "tracking": TrackingConfig}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Validated run configuration, grouped by concern as LeRobot groups its configs.
+
+    Outside, it stays Flower's flat run config: key ``foo-bar`` is field ``foo_bar`` of one group
+    (``seed`` sits at the top: it seeds the split, the initial policy and every round).
+    """
+
+    seed: int = 42
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Parse and validate Flower's run config; unknown keys are rejected."""
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        values = {}
+        known = _flat_fields()
+        values: dict[str, Any] = {}
         for key, raw in run_config.items():
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
                 raise ConfigError(f"unknown run-config key {key!r}; {hint}")
-            values[known[key].name] = _coerce(key, raw, known[key].type)
-        cfg = cls(**values)
+            values[key] = _coerce(key, raw, known[key][1].type)
+        return cls.flat(**{key.replace("-", "_"): value for key, value in values.items()})
+
+    @classmethod
+    def flat(cls, **values: Any) -> RunConfig:
+        """A validated config from flat field names (``lr=1e-3, num_server_rounds=5``), as the run config has them."""
+        known = _flat_fields()
+        grouped: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
+        top = {}
+        for name, value in values.items():
+            key = name.replace("_", "-")
+            if key not in known:
+                raise ConfigError(f"unknown run-config key {key!r}")
+            group = known[key][0]
+            if group is None:
+                top[name] = value
+            else:
+                grouped[group][name] = value
+        cfg = cls(**top, **{group: GROUPS[group](**fields_) for group, fields_ in grouped.items()})
         cfg.validate()
         return cfg
 
     def to_run_config(self) -> dict[str, Any]:
         """The config as Flower run-config keys (for config.json and the model card)."""
-        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
-
-    @property
-    def effective_mu(self) -> float:
-        """The proximal coefficient actually applied: FedAvg is FedProx with mu = 0."""
-        return self.proximal_mu if self.strategy == "fedprox" else 0.0
+        flat = {"seed": self.seed}
+        for group in GROUPS:
+            flat.update(dataclasses.asdict(getattr(self, group)))
+        return {k.replace("_", "-"): v for k, v in flat.items()}
 
     def evaluates(self, server_round: int) -> bool:
         """Offline evaluation rounds: round 0, every ``eval-every`` rounds and the last round."""
-        return server_round % self.eval_every == 0 or server_round == self.num_server_rounds
+        return server_round % self.eval.eval_every == 0 or server_round == self.federation.num_server_rounds
 
     def sim_evaluates(self, server_round: int) -> bool:
         """Closed-loop rounds: round 0, every ``sim-eval-every`` rounds and the last (never when 0)."""
-        return self.sim_eval_every > 0 and (server_round % self.sim_eval_every == 0
-                                            or server_round == self.num_server_rounds)
+        every = self.eval.sim_eval_every
+        return every > 0 and (server_round % every == 0 or server_round == self.federation.num_server_rounds)
 
     def checkpoints(self, server_round: int) -> bool:
         """Checkpoint rounds: every ``checkpoint-interval`` rounds and the last round (never round 0)."""
-        return server_round > 0 and (server_round % self.checkpoint_interval == 0
-                                     or server_round == self.num_server_rounds)
+        return server_round > 0 and (server_round % self.tracking.checkpoint_interval == 0
+                                     or server_round == self.federation.num_server_rounds)
 
     def validate(self) -> None:
-        """Check ranges and choices; raise :class:`ConfigError` naming the first bad key."""
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        _choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
-        _choice("device", self.device, DEVICES)
-        _choice("server-device", self.server_device, DEVICES)
-        for key in ("num-server-rounds", "local-steps", "batch-size", "chunk-size", "eval-every",
-                    "eval-batches", "checkpoint-interval", "sim-eval-episodes", "min-stats-clients"):
-            if getattr(self, key.replace("-", "_")) < 1:
-                raise ConfigError(f"run-config {key!r} must be >= 1, got {getattr(self, key.replace('-', '_'))}")
-        for key in ("proximal-mu", "lr", "grad-clip-norm", "warmup-rounds", "min-train-nodes",
-                    "min-evaluate-nodes", "num-workers", "max-update-norm", "sim-eval-every"):
-            if getattr(self, key.replace("-", "_")) < 0:
-                raise ConfigError(f"run-config {key!r} must be >= 0, got {getattr(self, key.replace('-', '_'))}")
-        for key in ("fraction-train", "fraction-evaluate", "lr-min-factor"):
-            if not 0.0 <= getattr(self, key.replace("-", "_")) <= 1.0:
-                raise ConfigError(f"run-config {key!r} must be in [0, 1], got {getattr(self, key.replace('-', '_'))}")
-        if not 0.0 < self.held_out_fraction < 1.0:
-            raise ConfigError(f"run-config 'held-out-fraction' must be in (0, 1), got {self.held_out_fraction}")
-        if self.round_timeout <= 0:
-            raise ConfigError(f"run-config 'round-timeout' must be > 0 seconds, got {self.round_timeout}")
-        if not self.model_name:
-            raise ConfigError("run-config 'model-name' is empty; use \"tiny\" or a hub id / local folder")
+        """Check ranges and choices group by group; raise :class:`ConfigError` naming the first bad key."""
+        for group in GROUPS:
+            getattr(self, group).validate()
+
+
+def _flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """Flat run-config key -> (its group, or None for a top-level field; the dataclass field)."""
+    out: dict[str, tuple[str | None, dataclasses.Field]] = {
+        f.name.replace("_", "-"): (None, f) for f in fields(RunConfig) if f.name not in GROUPS}
+    for group, kind in GROUPS.items():
+        out.update({f.name.replace("_", "-"): (group, f) for f in fields(kind)})
+    return out
+
+
+def _at_least(low: int, **values: float) -> None:
+    """Each value (named by its field) must be >= ``low``."""
+    for name, value in values.items():
+        if value < low:
+            raise ConfigError(f"run-config {name.replace('_', '-')!r} must be >= {low}, got {value}")
+
+
+def _fractions(**values: float) -> None:
+    """Each value (named by its field) must be in [0, 1]."""
+    for name, value in values.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"run-config {name.replace('_', '-')!r} must be in [0, 1], got {value}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

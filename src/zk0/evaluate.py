@@ -47,4 +47,4 @@ def evaluate_dataset(policy, preprocessor, postprocessor, dataset, cameras: dict
 
     Server, clients and baselines all evaluate through this, so their numbers compare."""
     return evaluate_policy(policy, preprocessor, postprocessor,
-                           eval_batches(dataset, cfg.batch_size, cfg.eval_batches, cameras), seed=cfg.seed)
+                           eval_batches(dataset, cfg.train.batch_size, cfg.eval.eval_batches, cameras), seed=cfg.seed)

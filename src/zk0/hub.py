@@ -95,9 +95,11 @@ def plan_push(run_dir: Path, repo_id: str, round_spec: str, private: bool) -> Pu
     elif round_spec.isdigit() and int(round_spec) in rounds:
         chosen, why = int(round_spec), "the round asked for"
     else:
-        raise PushError(f"--round {round_spec}: choose best, last or a checkpointed round ({', '.join(map(str, rounds))})")
-    return PushPlan(repo_id, chosen, run_dir / CHECKPOINTS / f"round_{chosen}", commit_message(run_dir, records, chosen),
-                    (f"fl-round-{chosen}", f"zk0-v{version('zk0')}"), private, why)
+        choices = ", ".join(map(str, rounds))
+        raise PushError(f"--round {round_spec}: choose best, last or a checkpointed round ({choices})")
+    return PushPlan(repo_id, chosen, run_dir / CHECKPOINTS / f"round_{chosen}",
+                    commit_message(run_dir, records, chosen), (f"fl-round-{chosen}", f"zk0-v{version('zk0')}"),
+                    private, why)
 
 
 def _check_repo_id(repo_id: str) -> None:

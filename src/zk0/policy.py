@@ -67,30 +67,30 @@ def tiny_config(chunk_size: int, device: str) -> SmolVLAConfig:
 
 
 def build_policy(cfg: RunConfig, device_name: str | None = None) -> SmolVLAPolicy:
-    """The policy named by ``cfg.model_name`` on ``device_name`` (default: the clients' ``cfg.device``)."""
-    device = resolve_device(device_name or cfg.device)
-    if cfg.model_name in LOCAL_MODELS:
+    """The policy named by ``cfg.model.model_name`` on ``device_name`` (default: the clients' ``cfg.train.device``)."""
+    device = resolve_device(device_name or cfg.train.device)
+    if cfg.model.model_name in LOCAL_MODELS:
         torch.manual_seed(cfg.seed)  # the frozen base must be identical on every node
-        policy = SmolVLAPolicy(local_config(cfg.model_name, cfg.chunk_size, device.type))
+        policy = SmolVLAPolicy(local_config(cfg.model.model_name, cfg.model.chunk_size, device.type))
     else:
-        policy = _load_pretrained(cfg.model_name, device)
-        policy.config.chunk_size = policy.config.n_action_steps = cfg.chunk_size
+        policy = _load_pretrained(cfg.model.model_name, device)
+        policy.config.chunk_size = policy.config.n_action_steps = cfg.model.chunk_size
     return policy.to(device)
 
 
 def policy_config(cfg: RunConfig) -> SmolVLAConfig:
     """The policy's config without its weights: enough to check datasets against it in seconds."""
-    if cfg.model_name in LOCAL_MODELS:
-        return local_config(cfg.model_name, cfg.chunk_size, "cpu")
-    require_model(cfg.model_name)
+    if cfg.model.model_name in LOCAL_MODELS:
+        return local_config(cfg.model.model_name, cfg.model.chunk_size, "cpu")
+    require_model(cfg.model.model_name)
     try:
-        config = load_config(cfg.model_name)
+        config = load_config(cfg.model.model_name)
     except Exception as err:  # draccus, json, hub and filesystem errors all mean the same here
-        raise ModelUnavailable(f"model {cfg.model_name!r}: its config.json could not be read "
+        raise ModelUnavailable(f"model {cfg.model.model_name!r}: its config.json could not be read "
                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     if not isinstance(config, SmolVLAConfig):
-        raise ModelUnavailable(f"model {cfg.model_name!r} is a {config.type!r} policy, not a SmolVLA")
-    config.chunk_size = config.n_action_steps = cfg.chunk_size
+        raise ModelUnavailable(f"model {cfg.model.model_name!r} is a {config.type!r} policy, not a SmolVLA")
+    config.chunk_size = config.n_action_steps = cfg.model.chunk_size
     return config
 
 

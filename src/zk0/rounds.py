@@ -55,7 +55,7 @@ class RoundState:
     def __post_init__(self) -> None:
         self.master = {n: t.detach().to("cpu", torch.float32).clone() for n, t in self.master.items()}
         shapes = {n: tuple(t.shape) for n, t in self.master.items()}
-        self.wire = transport.Wire("server", self.fingerprint, self.cfg.transport_dtype, shapes)
+        self.wire = transport.Wire("server", self.fingerprint, self.cfg.transport.transport_dtype, shapes)
 
     @classmethod
     def resumed(cls, saved: ServerState, cfg: RunConfig, audit: AuditLog, on_event: Event) -> RoundState:
@@ -148,7 +148,7 @@ class RoundEnd(ABC):
         summary = self.tracker.round_summary(server_round)
         if checkpointing:
             self.checkpoint(server_round, summary)
-        log(INFO, "%s", progress_line(server_round, self.cfg.num_server_rounds, summary))
+        log(INFO, "%s", progress_line(server_round, self.cfg.federation.num_server_rounds, summary))
 
     def prepare(self) -> None:
         """Called once before a round's evaluations and checkpoint; a subclass that loads per model needs nothing."""

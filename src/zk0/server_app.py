@@ -35,7 +35,7 @@ app = ServerApp()
 
 def closed_loop_tasks(cfg: RunConfig, registry: Registry) -> list[str]:
     """The simulator tasks to roll out; the simulator (MuJoCo) is loaded only when closed-loop evaluation is on."""
-    if not cfg.sim_eval_every:
+    if not cfg.eval.sim_eval_every:
         return []
     from zk0.sim.policy_eval import simulator_tasks
 
@@ -46,9 +46,9 @@ def closed_loop_tasks(cfg: RunConfig, registry: Registry) -> list[str]:
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) ``num-server-rounds`` rounds and leave everything in the run folder."""
     cfg = RunConfig.from_run_config(context.run_config)
-    registry = load_registry(cfg.datasets, cfg.registry)
+    registry = load_registry(cfg.data.datasets, cfg.data.registry)
     closed_loop_tasks(cfg, registry)  # a config that cannot work fails before any work
-    policy = build_policy(cfg, cfg.server_device)
+    policy = build_policy(cfg, cfg.eval.server_device)
     fingerprint = base_fingerprint(policy)
     run, saved, attempt = open_run(cfg, registry, fingerprint, context.run_id)
     tracker = Tracker(run.root, cfg, resume_after=saved.server_round if saved else None)
@@ -61,7 +61,8 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         tracker.close()
         write_charts(run.root)
-    for line in summary_table([tracker.round_summary(r) | {"round": r} for r in range(cfg.num_server_rounds + 1)]):
+    rounds = range(cfg.federation.num_server_rounds + 1)
+    for line in summary_table([tracker.round_summary(r) | {"round": r} for r in rounds]):
         log(INFO, "%s", line)
     log(INFO, "zk0 run folder: %s", run.root)
 
@@ -70,12 +71,13 @@ def open_run(cfg: RunConfig, registry: Registry, fingerprint: str,
              run_id: int) -> tuple[RunFolder, ServerState | None, int]:
     """A new run folder, or the one named by ``resume-from`` with its saved server state; and the attempt."""
     state = None
-    if cfg.resume_from:
-        run = RunFolder.existing(cfg.resume_from)
+    if cfg.tracking.resume_from:
+        run = RunFolder.existing(cfg.tracking.resume_from)
         state = ServerState.load(run, cfg, fingerprint)
-        log(INFO, "zk0 resuming %s after round %d of %d", run.root, state.server_round, cfg.num_server_rounds)
+        log(INFO, "zk0 resuming %s after round %d of %d", run.root, state.server_round,
+            cfg.federation.num_server_rounds)
     else:
-        run = RunFolder.create(cfg.output_dir, cfg.strategy, run_id)
+        run = RunFolder.create(cfg.tracking.output_dir, cfg.federation.strategy, run_id)
         run.write_config(cfg, registry, fingerprint)
         log(INFO, "zk0 run folder: %s", run.root)
     return run, state, run.add_flower_run(run_id)
@@ -98,10 +100,10 @@ def run_rounds(grid: Grid, strategy: SmolVLAStrategy, state: RoundState, round_e
     Round 0 (``first == 0``, a new run) only evaluates the initial model on clients and server:
     the baseline every later round is compared with.
     """
-    for server_round in range(first, state.cfg.num_server_rounds + 1):
+    for server_round in range(first, state.cfg.federation.num_server_rounds + 1):
         state.server_round = server_round
         if server_round:
-            log(INFO, "zk0 round %d/%d", server_round, state.cfg.num_server_rounds)
+            log(INFO, "zk0 round %d/%d", server_round, state.cfg.federation.num_server_rounds)
             arrays, config = state.sealed()
             messages = list(strategy.configure_train(server_round, arrays, config, grid))
             receive_train(strategy, state, exchange(grid, state, "train", arrays, messages))
@@ -143,14 +145,14 @@ def receive_evaluate(strategy: SmolVLAStrategy, state: RoundState, replies: list
 def send(grid: Grid, cfg: RunConfig, server_round: int, phase: str, messages: list[Message],
          audit: AuditLog) -> list[Message]:
     """Send and wait up to ``round-timeout``; replies carry the node they answer for; silent nodes are logged."""
-    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else []
+    replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)) if messages else []
     destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     for reply in replies:  # the SuperLink itself answers for a node it lost ("Node Unavailable"): name that node
         set_reply_sender(reply, destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id))
     for node in sorted(set(destination.values()) - {r.metadata.src_node_id for r in replies}):
         log(WARNING, "round %d: node %s sent no %s reply within round-timeout=%.0fs", server_round, node, phase,
-            cfg.round_timeout)
-        audit.missing(server_round, phase, node, cfg.round_timeout)
+            cfg.federation.round_timeout)
+        audit.missing(server_round, phase, node, cfg.federation.round_timeout)
     return replies
 
 
@@ -164,12 +166,13 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog, sizes: dict[s
     contributors (default 3) fail the run before anything is shared; an operator whose two owners
     accept that lowers it to 2, and the log says what it allows.
     """
-    deadline = time.monotonic() + cfg.round_timeout
-    needed = max(cfg.min_train_nodes, cfg.min_stats_clients, 1)
+    fed = cfg.federation
+    deadline = time.monotonic() + fed.round_timeout
+    needed = max(fed.min_train_nodes, fed.min_stats_clients, 1)
     while len(nodes := list(grid.get_node_ids())) < needed:
         if time.monotonic() > deadline:
-            raise RoundFailed(f"only {len(nodes)} node(s) connected after {cfg.round_timeout:.0f}s; need {needed} "
-                              f"(min-train-nodes={cfg.min_train_nodes}, min-stats-clients={cfg.min_stats_clients})")
+            raise RoundFailed(f"only {len(nodes)} node(s) connected after {fed.round_timeout:.0f}s; need {needed} "
+                              f"(min-train-nodes={fed.min_train_nodes}, min-stats-clients={fed.min_stats_clients})")
         time.sleep(1)
     messages = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
                 for n in nodes]
@@ -179,9 +182,9 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog, sizes: dict[s
     verdicts = [judge(reply, lambda reply: checked_query(reply, sizes)) for reply in replies]
     report(0, "query", verdicts, audit, on_event)
     reported = passed(verdicts)
-    if len(reported) < cfg.min_stats_clients:
+    if len(reported) < fed.min_stats_clients:
         raise RoundFailed(f"{len(reported)} of {len(nodes)} clients reported plausible dataset stats, below "
-                          f"min-stats-clients={cfg.min_stats_clients}: pooled stats of fewer let each client infer "
+                          f"min-stats-clients={fed.min_stats_clients}: pooled stats of fewer let each client infer "
                           f"the others'; connect more nodes (or lower it if every owner accepts that)")
     if len(reported) < needed:
         raise RoundFailed(f"{len(reported)} of {len(nodes)} clients reported plausible dataset stats; need {needed}")
@@ -227,7 +230,7 @@ class ServerRoundEnd(RoundEnd):
         from zk0.sim.policy_eval import evaluate_in_sim, policy_image_size
 
         videos = self.run.root / "videos" / f"round_{server_round}"
-        results = evaluate_in_sim(self.policy, self.pre, self.post, self.sim_tasks, self.cfg.sim_eval_episodes,
+        results = evaluate_in_sim(self.policy, self.pre, self.post, self.sim_tasks, self.cfg.eval.sim_eval_episodes,
                                   self.cfg.seed, policy_image_size(self.policy), videos)
         for task, res in results.items():
             self.tracker.log({"round": server_round, "source": "server", "event": "sim-eval", "dataset": task,

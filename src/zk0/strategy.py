@@ -48,16 +48,16 @@ Update = tuple[dict[str, torch.Tensor], int]  # a train reply's decoded update a
 
 def round_lr(cfg: RunConfig, server_round: int) -> float:
     """Learning rate of ``server_round`` (1-based): optional linear warm-up, then the schedule."""
-    if server_round <= cfg.warmup_rounds:
-        return cfg.lr * server_round / (cfg.warmup_rounds + 1)
-    floor = cfg.lr * cfg.lr_min_factor
-    span = max(1, cfg.num_server_rounds - cfg.warmup_rounds - 1)
-    progress = min(1.0, (server_round - cfg.warmup_rounds - 1) / span)
-    if cfg.lr_schedule == "cosine":
-        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.lr_schedule == "linear":
-        return cfg.lr - (cfg.lr - floor) * progress
-    return cfg.lr
+    if server_round <= cfg.train.warmup_rounds:
+        return cfg.train.lr * server_round / (cfg.train.warmup_rounds + 1)
+    floor = cfg.train.lr * cfg.train.lr_min_factor
+    span = max(1, cfg.federation.num_server_rounds - cfg.train.warmup_rounds - 1)
+    progress = min(1.0, (server_round - cfg.train.warmup_rounds - 1) / span)
+    if cfg.train.lr_schedule == "cosine":
+        return floor + (cfg.train.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.train.lr_schedule == "linear":
+        return cfg.train.lr - (cfg.train.lr - floor) * progress
+    return cfg.train.lr
 
 
 class RoundFailed(RuntimeError):
@@ -95,16 +95,17 @@ class SmolVLAStrategy(FedAvg):
     """FedProx (or FedAvg, ``mu = 0``) over SmolVLA's trainable tensors, as they travel on the server's ``wire``."""
 
     def __init__(self, cfg: RunConfig, wire: transport.Wire) -> None:
-        super().__init__(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
-                         min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
-                         min_available_nodes=max(cfg.min_train_nodes, cfg.min_evaluate_nodes, 1))
+        fed = cfg.federation
+        super().__init__(fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+                         min_train_nodes=fed.min_train_nodes, min_evaluate_nodes=fed.min_evaluate_nodes,
+                         min_available_nodes=max(fed.min_train_nodes, fed.min_evaluate_nodes, 1))
         self.cfg, self.wire = cfg, wire
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Add this round's lr and mu to the sealed payload's config."""
         config = ConfigRecord({**config, "lr": round_lr(self.cfg, server_round),
-                               "proximal-mu": self.cfg.effective_mu})
+                               "proximal-mu": self.cfg.federation.effective_mu})
         return list(super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -129,7 +130,7 @@ class SmolVLAStrategy(FedAvg):
 
     def _sealed_payload(self, reply: Message, server_round: int) -> tuple[ArrayRecord, int]:
         """A train reply's payload, verified against its seal, and its ``num-examples`` weight."""
-        weight = checked_reply(reply, self.cfg.local_steps * self.cfg.batch_size, server_round)
+        weight = checked_reply(reply, self.cfg.train.local_steps * self.cfg.train.batch_size, server_round)
         arrays = reply.content.array_records["arrays"]
         self.wire.verify(arrays, reply.content.config_records["payload"])
         return arrays, weight
@@ -140,17 +141,18 @@ class SmolVLAStrategy(FedAvg):
         if not all(torch.isfinite(t).all() for t in update.values()):
             raise transport.PayloadError("update has non-finite values")
         norm = math.sqrt(sum(float((t**2).sum()) for t in update.values()))
-        if self.cfg.max_update_norm and norm > self.cfg.max_update_norm:
-            raise transport.PayloadError(f"update norm {norm:.3g} exceeds max-update-norm={self.cfg.max_update_norm}")
+        if self.cfg.transport.max_update_norm and norm > self.cfg.transport.max_update_norm:
+            bound = self.cfg.transport.max_update_norm
+            raise transport.PayloadError(f"update norm {norm:.3g} exceeds max-update-norm={bound}")
         return update
 
     def aggregate_train(self, server_round: int,
                         verdicts: list[Verdict[Update]]) -> tuple[ArrayRecord, MetricRecord]:
         """The accepted updates' fp32 mean weighted by ``num-examples`` (as fp32 arrays), and their mean metrics."""
         accepted = passed(verdicts)
-        if len(accepted) < max(1, self.cfg.min_train_nodes):
+        if len(accepted) < max(1, self.cfg.federation.min_train_nodes):
             raise RoundFailed(f"round {server_round}: {len(accepted)} valid update(s), fewer than "
-                              f"min-train-nodes={self.cfg.min_train_nodes}; stopping rather than "
+                              f"min-train-nodes={self.cfg.federation.min_train_nodes}; stopping rather than "
                               "aggregating too few clients")
         accepted.sort(key=lambda verdict: sender(verdict.reply, "payload"))  # a fixed order: same inputs, same bits
         total = sum(weight for _, weight in (verdict.value for verdict in accepted))
@@ -160,7 +162,7 @@ class SmolVLAStrategy(FedAvg):
 
     def verify_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[Verdict[int]]:
         """Each evaluate reply's verdict: its ``num-examples`` weight, once its fields check out."""
-        limit = self.cfg.eval_batches * self.cfg.batch_size
+        limit = self.cfg.eval.eval_batches * self.cfg.train.batch_size
         return [judge(reply, lambda checked: checked_reply(checked, limit, server_round)) for reply in replies]
 
     def aggregate_evaluate(self, server_round: int, verdicts: list[Verdict[int]]) -> MetricRecord | None:

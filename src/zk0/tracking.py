@@ -25,7 +25,7 @@ class Tracker:
         if resume_after is not None:  # keep completed rounds; drop the partial round that crashed
             self.records = [r for r in read_metrics(self.path) if r["round"] <= resume_after]
             write_jsonl(self.path, self.records)
-        self.wandb = _start_wandb(run_dir, cfg) if cfg.use_wandb else None
+        self.wandb = _start_wandb(run_dir, cfg) if cfg.tracking.use_wandb else None
 
     def log(self, record: dict) -> None:
         """Record one event: ``round`` and ``source`` (server|client|client-eval) plus values."""
@@ -72,7 +72,8 @@ def _start_wandb(run_dir: Path, cfg: RunConfig):
         raise ConfigError("use-wandb=true but wandb is not installed: pip install -e '.[wandb]'") from None
     if not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
-    return wandb.init(project=cfg.wandb_project, name=run_dir.name, dir=str(run_dir), config=cfg.to_run_config())
+    return wandb.init(project=cfg.tracking.wandb_project, name=run_dir.name, dir=str(run_dir),
+                      config=cfg.to_run_config())
 
 
 def read_metrics(path: Path) -> list[dict]:

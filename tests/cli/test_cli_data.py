@@ -54,7 +54,7 @@ def test_generate_refuses_unknown_tasks():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, recorded) -> Path:
     """An untrained tiny policy saved as a LeRobot checkpoint, normalised with the recording's stats."""
-    cfg = RunConfig(chunk_size=10)
+    cfg = RunConfig.flat(chunk_size=10)
     policy = build_policy(cfg)
     split = open_split(DatasetEntry(uri=f"local:{recorded}"), policy.config, 0.5, 0)
     stats = decode_stats(encode_stats(vector_stats(split.train)))

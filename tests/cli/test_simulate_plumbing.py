@@ -43,7 +43,7 @@ def test_client_contexts_get_the_overrides(captured, tmp_path):
 
 
 def cfg(**values) -> RunConfig:
-    return RunConfig(**values)
+    return RunConfig.flat(**values)
 
 
 def test_gpu_share_defaults_to_one_gpu_for_all_clients(monkeypatch):

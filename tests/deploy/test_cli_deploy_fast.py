@@ -234,10 +234,12 @@ def test_a_dead_leaders_orphans_are_refused_then_stopped(tmp_path):
 
 def test_serverapps_of_this_superlink_are_found_by_their_control_port_and_stopped(tmp_path):
     """Flower's SuperExec runs in a session of its own, outside the SuperLink's process group."""
-    settings = server_folder.init_server(tmp_path / "srv", [], "127.0.0.1", processes.free_port(), control_port=processes.free_port())
+    settings = server_folder.init_server(tmp_path / "srv", [], "127.0.0.1", processes.free_port(),
+                                         control_port=processes.free_port())
     fake = tmp_path / "flwr-serverapp"
     fake.write_text("import time\ntime.sleep(600)\n")
-    ours = subprocess.Popen([sys.executable, str(fake), "--runtime-api-address", server_folder.control_address(settings)])
+    address = server_folder.control_address(settings)
+    ours = subprocess.Popen([sys.executable, str(fake), "--runtime-api-address", address])
     other = subprocess.Popen([sys.executable, str(fake), "--runtime-api-address", "127.0.0.1:1"])
     try:
         deadline = time.monotonic() + 120

@@ -16,7 +16,8 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
 
 def supervise(log: Path, parent: int, *options: str, cmd: list[str] = SLEEPER) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "zk0.deploy.supervise", "--parent-pid", str(parent), *options, "--", *cmd],
+    return subprocess.Popen([sys.executable, "-m", "zk0.deploy.supervise", "--parent-pid", str(parent), *options,
+                             "--", *cmd],
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 

@@ -31,7 +31,7 @@ def make_stats(action_mean: float = 0.0, action_std: float = 30.0) -> dict[str, 
 
 @pytest.fixture(scope="module")
 def policy():
-    return build_policy(RunConfig(chunk_size=10, device="cpu"))
+    return build_policy(RunConfig.flat(chunk_size=10, device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,7 @@ def test_sim_evaluation_on_its_cadence_with_a_mean_over_local_policies(tmp_path,
 
 
 def test_bad_mode_or_client_count_is_refused_before_anything_runs(tmp_path):
-    cfg = RunConfig(output_dir=str(tmp_path))
+    cfg = RunConfig.flat(output_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="centralized|local"):
         baseline.run_baseline(cfg, "federated")
     with pytest.raises(RegistryError, match="num_clients=9"):

@@ -83,10 +83,10 @@ def check_setup(cfg: RunConfig, clients: int | None) -> None:
     from zk0.registry import RegistryError, load_registry
 
     try:
-        registry = load_registry(cfg.datasets, cfg.registry)
+        registry = load_registry(cfg.data.datasets, cfg.data.registry)
         if clients is not None and clients > len(registry.clients):
             raise RegistryError(f"--num-clients {clients} exceeds the {len(registry.clients)} clients of profile "
-                                f"{cfg.datasets!r}")
+                                f"{cfg.data.datasets!r}")
     except RegistryError as err:
         fail(err)
     from zk0.checkpoint import ResumeError, RunFolder
@@ -94,8 +94,8 @@ def check_setup(cfg: RunConfig, clients: int | None) -> None:
     from zk0.policy import ModelUnavailable, policy_config
 
     try:
-        if cfg.resume_from:
-            RunFolder.existing(cfg.resume_from)
+        if cfg.tracking.resume_from:
+            RunFolder.existing(cfg.tracking.resume_from)
         require_cuda(cfg, clients_here=clients is not None)
         policy_cfg = policy_config(cfg)
         for entry in registry.clients[:clients or 0]:
@@ -110,7 +110,7 @@ def require_cuda(cfg: RunConfig, clients_here: bool) -> None:
     """``cuda`` where this machine runs it (the server; clients too in simulation) needs a visible GPU."""
     import torch
 
-    wanted = [("server-device", cfg.server_device)] + ([("device", cfg.device)] if clients_here else [])
+    wanted = [("server-device", cfg.eval.server_device)] + ([("device", cfg.train.device)] if clients_here else [])
     for key, value in wanted:
         if value == "cuda" and not torch.cuda.is_available():
             fail(ConfigError(f"run-config {key}='cuda' but no CUDA GPU is visible here; use 'auto' or 'cpu'"))
@@ -121,6 +121,6 @@ def registry_clients(cfg: RunConfig) -> int:
     from zk0.registry import RegistryError, load_registry
 
     try:
-        return len(load_registry(cfg.datasets, cfg.registry).clients)
+        return len(load_registry(cfg.data.datasets, cfg.data.registry).clients)
     except RegistryError as err:
         fail(err)

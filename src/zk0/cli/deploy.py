@@ -62,7 +62,8 @@ def flwr(folder: Path, *args: str, timeout: float = FLWR_TIMEOUT, known: dict[st
     if proc.returncode or not reply.get("success", False):
         lines = [line.strip() for line in str(reply.get("error-message", "")).splitlines() if line.strip()]
         reason = lines[-1] if lines else f"exit code {proc.returncode}"
-        fail(next((line for key, line in (known or {}).items() if key in reason), f"flwr {' '.join(args)} failed: {reason}"))
+        default = f"flwr {' '.join(args)} failed: {reason}"
+        fail(next((line for key, line in (known or {}).items() if key in reason), default))
     return reply
 
 
@@ -74,7 +75,9 @@ def server_init(
     folder: Annotated[Path, typer.Argument(help="New folder for the CA, certificates, state and runs.")] = DEFAULT_SERVER,
     host: Annotated[list[str] | None, typer.Option(
         "--host", help="Name or IP robot owners dial (repeat for several); loopback is always added.")] = None,
-    bind: Annotated[str, typer.Option(help="Address the SuperLink listens on (0.0.0.0: all interfaces).")] = "127.0.0.1",
+    bind: Annotated[str, typer.Option(
+        help="Address the Fleet proxy listens on (0.0.0.0: all interfaces); the SuperLink stays on 127.0.0.1.")]
+        = "127.0.0.1",
     port: Annotated[int, typer.Option(help="The port robot owners dial: the Fleet API, and nothing else.")] = 9092,
     control_port: Annotated[int | None, typer.Option(
         help="The SuperLink's own port, on 127.0.0.1 only: the operator's Control API (default: port + 1).")] = None,
@@ -117,7 +120,8 @@ def server_start(
         server_folder.require_no_ca_key(folder)
         if insecure:
             typer.secho("warning: --insecure: traffic is unencrypted and any SuperNode may join", fg="yellow", err=True)
-        server_folder.write_connection(folder / "flwr", server_folder.control_address(settings), None if insecure else folder / "ca.crt")
+        ca = None if insecure else folder / "ca.crt"
+        server_folder.write_connection(folder / "flwr", server_folder.control_address(settings), ca)
         pid = start_server_processes(folder, settings, insecure)
     except processes.DeployError as err:
         fail(str(err))
@@ -150,7 +154,8 @@ def server_add_node(
     if not public_key.is_file():
         fail(f"public key file {public_key} not found; the robot owner gets it from `zk0 client keygen`")
     folder = superlink(folder)
-    args = ["supernode", "register", str(public_key.resolve()), server_folder.CONNECTION] + (["--name", name] if name else [])
+    args = ["supernode", "register", str(public_key.resolve()), server_folder.CONNECTION]
+    args += ["--name", name] if name else []
     again = f"{public_key} is already registered with this SuperLink; `zk0 status -d {folder}` lists its nodes"
     node_id = str(flwr(folder, *args, known={KNOWN_KEY: again})["node-id"])
     if name:
@@ -306,7 +311,8 @@ def submit(
     config_file.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in config.items()))
     from zk0.registry import default_pyproject
 
-    reply = flwr(folder, "run", str(default_pyproject().parent), server_folder.CONNECTION, "--run-config", str(config_file))
+    app_dir = str(default_pyproject().parent)
+    reply = flwr(folder, "run", app_dir, server_folder.CONNECTION, "--run-config", str(config_file))
     run_id = int(reply["run-id"])
     typer.echo(f"run {run_id} submitted")
     if not detach:

@@ -32,35 +32,36 @@ def simulate(
         overrides["output-dir"] = str(output.expanduser().resolve())
     overrides, cfg = settle_config(overrides, resume)
     n = num_clients or registry_clients(cfg)
-    if n < max(cfg.min_train_nodes, cfg.min_evaluate_nodes, cfg.min_stats_clients, 1):
-        fail(ConfigError(f"--num-clients {n} is below min-train-nodes={cfg.min_train_nodes} / min-evaluate-nodes="
-                          f"{cfg.min_evaluate_nodes} / min-stats-clients={cfg.min_stats_clients}: the server would "
-                          f"wait for clients that never come"))
+    fed = cfg.federation
+    if n < max(fed.min_train_nodes, fed.min_evaluate_nodes, fed.min_stats_clients, 1):
+        fail(ConfigError(f"--num-clients {n} is below min-train-nodes={fed.min_train_nodes} / min-evaluate-nodes="
+                         f"{fed.min_evaluate_nodes} / min-stats-clients={fed.min_stats_clients}: the server would "
+                         f"wait for clients that never come"))
     if client_cpus <= 0 or (client_gpus is not None and client_gpus < 0):
         fail(ConfigError("--client-cpus must be > 0 and --client-gpus >= 0"))
     resources = {"num_cpus": client_cpus, "num_gpus": client_gpu_share(cfg, n, client_gpus)}
     check_setup(cfg, n)
-    before = set(Path(cfg.output_dir).glob("*")) if Path(cfg.output_dir).exists() else set()
+    before = set(Path(cfg.tracking.output_dir).glob("*")) if Path(cfg.tracking.output_dir).exists() else set()
     _run_simulation(overrides, n, resources)
-    created = sorted(set(Path(cfg.output_dir).glob("*")) - before)
-    run_dir = Path(cfg.resume_from) if cfg.resume_from else (created[-1] if created else None)
+    created = sorted(set(Path(cfg.tracking.output_dir).glob("*")) - before)
+    run_dir = Path(cfg.tracking.resume_from) if cfg.tracking.resume_from else (created[-1] if created else None)
     if run_dir is not None:
         typer.secho(f"run folder: {run_dir}", fg=typer.colors.GREEN)
 
 
 def client_gpu_share(cfg: RunConfig, num_clients: int, requested: float | None) -> float:
     """Each Ray client actor's ``num_gpus``: Ray hides GPUs from actors given none (CUDA_VISIBLE_DEVICES='')."""
-    if cfg.device == "cpu":
+    if cfg.train.device == "cpu":
         return 0.0 if requested is None else requested
     import torch
 
     gpus = torch.cuda.device_count()
-    if cfg.device == "cuda" and not gpus:
+    if cfg.train.device == "cuda" and not gpus:
         fail(ConfigError("run-config device='cuda' but no CUDA GPU is visible here; use 'auto' or 'cpu'"))
     share = (min(1.0, 1.0 / num_clients) if gpus else 0.0) if requested is None else requested
     if share > 0 and not gpus:
         fail(ConfigError(f"--client-gpus {share} but no CUDA GPU is visible; use --client-gpus 0"))
-    if cfg.device == "cuda" and share == 0:
+    if cfg.train.device == "cuda" and share == 0:
         fail(ConfigError("run-config device='cuda' but clients get no GPU (--client-gpus 0); Ray would hide it"))
     return share
 

@@ -76,6 +76,7 @@ def supernode_command(server: str, dataset: str, ca: Path | None, key: Path | No
 def resident_command(appio_port: int, supernode_pid: int, secret: Path) -> list[str]:
     """The long-lived zk0 ClientApp worker serving the SuperNode's runtime API on loopback, under
     :mod:`zk0.deploy.supervise`, which restarts it if it dies while the SuperNode lives."""
-    worker = [sys.executable, "-m", "zk0.deploy.resident", "--appio-api-address", f"127.0.0.1:{appio_port}", "--insecure",
+    worker = [sys.executable, "-m", "zk0.deploy.resident", "--appio-api-address", f"127.0.0.1:{appio_port}",
+              "--insecure",
               "--parent-pid", str(supernode_pid), "--superexec-auth-secret-file", str(secret)]
     return [sys.executable, "-m", "zk0.deploy.supervise", "--parent-pid", str(supernode_pid), "--", *worker]

@@ -23,7 +23,8 @@ def main() -> None:
     from zk0.flower_seams import run_supernode
 
     run_supernode()  # returns only when the connection loop ended; a stop or a refusal exits inside it
-    print(f"zk0.deploy.supernode: the connection to the SuperLink ended (see the error above); exiting with code {LOST} "
+    print(f"zk0.deploy.supernode: the connection to the SuperLink ended (see the error above); exiting with "
+          f"code {LOST} "
           f"to be started again", file=sys.stderr, flush=True)
     os._exit(LOST)  # not sys.exit: Flower's runtime API thread would keep the process alive
 

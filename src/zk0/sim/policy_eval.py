@@ -113,10 +113,11 @@ def simulator_tasks(cfg: RunConfig, registry: Registry) -> list[str]:
     (whichever clients take part), none unless ``sim-eval-every`` > 0."""
     from zk0.config import ConfigError  # here, not at import: the simulator loads no core config
 
-    if not cfg.sim_eval_every:
+    if not cfg.eval.sim_eval_every:
         return []
     if not (tasks := sim_tasks([*registry.clients, *registry.server_eval])):
-        raise ConfigError(f"run-config sim-eval-every={cfg.sim_eval_every} but dataset profile {cfg.datasets!r} "
+        raise ConfigError(f"run-config sim-eval-every={cfg.eval.sim_eval_every} but dataset profile "
+                          f"{cfg.data.datasets!r} "
                           "has no simulator tasks (embedded:<task>); set sim-eval-every=0")
     return tasks
 

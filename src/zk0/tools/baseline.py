@@ -68,10 +68,10 @@ def run_baseline(cfg: RunConfig, mode: str, num_clients: int | None = None) -> P
     """
     if mode not in MODES:
         raise ConfigError(f"baseline mode must be one of {'|'.join(MODES)}, got {mode!r}")
-    if cfg.resume_from:
+    if cfg.tracking.resume_from:
         raise ConfigError("baselines cannot resume: run-config 'resume-from' must be empty")
     baseline = {kind.mode: kind for kind in (Centralized, Local)}[mode]
-    return baseline(cfg, _clients(load_registry(cfg.datasets, cfg.registry), num_clients)).run()
+    return baseline(cfg, _clients(load_registry(cfg.data.datasets, cfg.data.registry), num_clients)).run()
 
 
 def _clients(registry: Registry, num_clients: int | None) -> Registry:
@@ -126,13 +126,14 @@ class Baseline(RoundEnd):
     def __init__(self, cfg: RunConfig, registry: Registry) -> None:
         self.cfg, self.registry = cfg, registry
         self.policy = build_policy(cfg)
-        self.splits = [open_split(e, self.policy.config, cfg.held_out_fraction, cfg.split_seed)
+        self.splits = [open_split(e, self.policy.config, cfg.data.held_out_fraction, cfg.data.split_seed)
                        for e in registry.clients]
         self.eval_sets = [open_full(e, self.policy.config) for e in registry.server_eval]
         self.learners = self.make_learners()
-        sim_tasks = simulator_tasks(cfg, load_registry(cfg.datasets, cfg.registry))  # as the server: the whole profile
+        profile = load_registry(cfg.data.datasets, cfg.data.registry)
+        sim_tasks = simulator_tasks(cfg, profile)  # as the server: the whole profile
         self.fingerprint = base_fingerprint(self.policy)
-        self.run_folder = RunFolder.create(cfg.output_dir, self.mode, secrets.randbits(63))
+        self.run_folder = RunFolder.create(cfg.tracking.output_dir, self.mode, secrets.randbits(63))
         self._write_config()
         super().__init__(cfg, Tracker(self.run_folder.root, cfg), sim_tasks)
 
@@ -156,8 +157,8 @@ class Baseline(RoundEnd):
                  cameras: dict[str, str]) -> Learner:
         weights = {n: p.detach().clone() for n, p in trainable_state(self.policy).items()}
         pre, post = make_pre_post_processors(self.policy.config, dataset_stats=stats)
-        return Learner(partition, name, weights, stats, train_loader(dataset, self.cfg.batch_size,
-                                                                     self.cfg.num_workers), cameras, pre, post)
+        return Learner(partition, name, weights, stats, train_loader(dataset, self.cfg.train.batch_size,
+                                                                     self.cfg.train.num_workers), cameras, pre, post)
 
     def _write_config(self) -> None:
         """The federated run's ``config.json`` plus ``"mode"``: what compare labels the run by."""
@@ -169,14 +170,14 @@ class Baseline(RoundEnd):
         """Round 0 evaluates the initial weights; rounds 1..N train, then evaluate."""
         log(INFO, "zk0 %s baseline, run folder: %s", self.mode, self.run_folder.root)
         try:
-            for server_round in range(self.cfg.num_server_rounds + 1):
+            for server_round in range(self.cfg.federation.num_server_rounds + 1):
                 if server_round:
                     self.train(server_round)
                 self(server_round, NO_TRAFFIC)
         finally:
             self.tracker.close()
             write_charts(self.run_folder.root)
-        rows = [self.tracker.round_summary(r) | {"round": r} for r in range(self.cfg.num_server_rounds + 1)]
+        rows = [self.tracker.round_summary(r) | {"round": r} for r in range(self.cfg.federation.num_server_rounds + 1)]
         for line in summary_table(rows):
             log(INFO, "%s", line)
         return self.run_folder.root
@@ -189,7 +190,8 @@ class Baseline(RoundEnd):
             seed = self.cfg.seed + 1000 * server_round + learner.partition
             torch.manual_seed(seed)  # flow-matching noise
             result = train_steps(self.policy, learner.pre, batches(learner.loader, seed, learner.cameras),
-                                 steps=self.steps_per_round(), lr=lr, mu=0.0, grad_clip_norm=self.cfg.grad_clip_norm)
+                                 steps=self.steps_per_round(), lr=lr, mu=0.0,
+                                 grad_clip_norm=self.cfg.train.grad_clip_norm)
             learner.weights = {n: p.detach().clone() for n, p in trainable_state(self.policy).items()}
             self.tracker.log({"round": server_round, "source": "client", "partition": learner.partition,
                               "dataset": learner.dataset, "train-loss": result.loss, "proximal": result.proximal,
@@ -222,12 +224,13 @@ class Baseline(RoundEnd):
         for learner in self.learners:
             load_trainable(self.policy, learner.weights)
             results = evaluate_in_sim(self.policy, learner.pre, learner.post, self.sim_tasks,
-                                      self.cfg.sim_eval_episodes, self.cfg.seed, policy_image_size(self.policy), None)
+                                      self.cfg.eval.sim_eval_episodes, self.cfg.seed,
+                                      policy_image_size(self.policy), None)
             for task, res in results.items():
                 per_task[task].append((learner.partition, {"success-rate": res["success-rate"]}))
         for task, values in per_task.items():
             record = self.server_record(server_round, task, values)
-            self.tracker.log(record | {"event": "sim-eval", "episodes": self.cfg.sim_eval_episodes})
+            self.tracker.log(record | {"event": "sim-eval", "episodes": self.cfg.eval.sim_eval_episodes})
 
     def server_record(self, server_round: int, name: str, values: list[tuple[int, dict[str, float]]]) -> dict:
         """A federated-shaped server record: the mean over learners."""
@@ -236,8 +239,8 @@ class Baseline(RoundEnd):
 
     def checkpoint(self, server_round: int, summary: dict[str, float]) -> None:
         """Every learner as a LeRobot policy folder (:meth:`checkpoint_folder`), with the round's card."""
-        card = model_card(dataclasses.replace(self.cfg, strategy=self.mode), self.registry, server_round, summary,
-                          self.fingerprint)
+        as_run = dataclasses.replace(self.cfg, federation=dataclasses.replace(self.cfg.federation, strategy=self.mode))
+        card = model_card(as_run, self.registry, server_round, summary, self.fingerprint)
         for learner in self.learners:
             load_trainable(self.policy, learner.weights)
             save_checkpoint(self.checkpoint_folder(server_round, learner), self.policy, learner.stats, card)
@@ -257,7 +260,7 @@ class Centralized(Baseline):
 
     def steps_per_round(self) -> int:
         """All the optimizer steps a federated round performs: ``local-steps`` of every client."""
-        return self.cfg.local_steps * len(self.splits)
+        return self.cfg.train.local_steps * len(self.splits)
 
     def assignments(self) -> list[tuple[Learner, list[tuple[int, DatasetSplit]]]]:
         """The pooled model on every client's held-out episodes."""
@@ -280,7 +283,7 @@ class Local(Baseline):
 
     def steps_per_round(self) -> int:
         """One client's optimizer steps of a federated round."""
-        return self.cfg.local_steps
+        return self.cfg.train.local_steps
 
     def assignments(self) -> list[tuple[Learner, list[tuple[int, DatasetSplit]]]]:
         """Each client's policy on its own held-out episodes only."""

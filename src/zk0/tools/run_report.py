@@ -98,7 +98,8 @@ def _participants(records: list[dict]) -> str:
 
 def _charts(run_dir: Path) -> str:
     images = "".join(f'<img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
-                     f'{base64.b64encode(p.read_bytes()).decode()}">' for p in sorted((run_dir / "charts").glob("*.png")))
+                     f'{base64.b64encode(p.read_bytes()).decode()}">'
+                     for p in sorted((run_dir / "charts").glob("*.png")))
     return "<h2>Charts</h2>" + (images or "<p>No charts were written.</p>")
 
 
@@ -121,8 +122,8 @@ def _sim(run_dir: Path, records: list[dict]) -> str:
     rows = [[r["round"], r.get("dataset", "?"), r["success-rate"]] for r in records if r.get("event") == "sim-eval"]
     if not rows:
         return "<h2>Closed-loop success</h2><p>Not measured in this run (sim-eval-every = 0).</p>"
-    videos = "".join(f'<li><a href="{html.escape(str(p.relative_to(run_dir)))}">{html.escape(str(p.relative_to(run_dir)))}'
-                     f"</a></li>" for p in sorted(run_dir.rglob("*.mp4")))
+    links = [html.escape(str(p.relative_to(run_dir))) for p in sorted(run_dir.rglob("*.mp4"))]
+    videos = "".join(f'<li><a href="{link}">{link}</a></li>' for link in links)
     return ("<h2>Closed-loop success</h2>" + _table(["round", "task", "success"], rows)
             + (f"<p>Rollout videos:</p><ul>{videos}</ul>" if videos else ""))
 
