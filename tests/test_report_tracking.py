@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import json
 
@@ -116,7 +115,7 @@ def test_write_charts_without_metrics(tmp_path):
 def test_wandb_requested_but_not_installed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
     with pytest.raises(ConfigError) as err:
-        Tracker(tmp_path, dataclasses.replace(RunConfig(), use_wandb=True))
+        Tracker(tmp_path, RunConfig.flat(use_wandb=True))
     assert "pip install" in str(err.value)
     assert "wandb" in str(err.value)
 
@@ -125,7 +124,7 @@ def test_wandb_logs_offline_into_the_run_folder_without_an_api_key(tmp_path, mon
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    tracker = Tracker(tmp_path, dataclasses.replace(RunConfig(), use_wandb=True))
+    tracker = Tracker(tmp_path, RunConfig.flat(use_wandb=True))
     tracker.log({"round": 0, "source": "server", "dataset": "unseen", "eval-loss": 1.5})
     tracker.log({"round": 1, "source": "client", "partition": 0, "train-loss": 1.25})
     tracker.close()
