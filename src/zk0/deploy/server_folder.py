@@ -178,9 +178,9 @@ def stop_serverapps(settings: ServerSettings, timeout: float = 30.0) -> list[int
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while (alive := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
+    while (living := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    for pid in alive:
+    for pid in living:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return pids
