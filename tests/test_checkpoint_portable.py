@@ -13,10 +13,10 @@ import pytest
 import torch
 from lerobot.policies.factory import make_pre_post_processors
 
-from zk0.checkpoint import VLM_FOLDER, load_checkpoint, load_config, model_card, save_checkpoint
+from zk0.checkpoint import VLM_FOLDER, load_checkpoint, load_config, save_checkpoint
 from zk0.config import RunConfig
+from zk0.model_card import model_card
 from zk0.policy import build_policy, trainable_state
-from zk0.registry import load_registry
 
 HUB_VLM = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 # Run after the model card's snippet (in a subprocess) and in this process: a seeded action on a fixed observation.
@@ -56,8 +56,11 @@ def policy(origin):
 
 
 @pytest.fixture(scope="module")
-def card() -> str:
-    return model_card(RunConfig(), load_registry("embedded"), 1, {"loss": 0.5}, "0" * 64)
+def card(policy, tmp_path_factory) -> str:
+    run = tmp_path_factory.mktemp("run")
+    (run / "config.json").write_text(json.dumps({"run-config": RunConfig().to_run_config()}))
+    (run / "metrics.jsonl").write_text("")
+    return model_card(run, 1, policy.config)
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def test_policy_config(policy):
     assert policy.config.action_feature.shape == (6,)
     assert next(policy.parameters()).device.type == "cpu"
     cfg = tiny_config(chunk_size=3, device="cpu")
-    assert cfg.model.chunk_size == 3 and cfg.vlm_model_name == str(tiny.ensure_tiny_vlm())
+    assert cfg.chunk_size == 3 and cfg.vlm_model_name == str(tiny.ensure_tiny_vlm())
 
 
 def test_trainable_state(policy):

@@ -18,11 +18,12 @@ from flwr.serverapp import Grid, ServerApp
 from lerobot.policies.factory import make_pre_post_processors
 
 from zk0.audit import AuditLog
-from zk0.checkpoint import RunFolder, ServerState, model_card, save_checkpoint
+from zk0.checkpoint import RunFolder, ServerState, save_checkpoint
 from zk0.config import RunConfig
 from zk0.data import decode_stats, feature_sizes, open_full, outliers, pool_reports
 from zk0.evaluate import evaluate_dataset
 from zk0.flower_seams import set_reply_sender
+from zk0.model_card import model_card
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.registry import Registry, load_registry
 from zk0.report import summary_table
@@ -238,5 +239,5 @@ class ServerRoundEnd(RoundEnd):
 
     def checkpoint(self, server_round: int, summary: dict[str, float]) -> None:
         """The global model as a LeRobot policy folder, with this round's card."""
-        card = model_card(self.cfg, self.registry, server_round, summary, self.state.fingerprint)
+        card = model_card(self.run.root, server_round, self.policy.config)
         save_checkpoint(self.run.checkpoint(server_round), self.policy, self.stats, card)

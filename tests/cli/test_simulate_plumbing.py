@@ -36,7 +36,7 @@ def test_client_contexts_get_the_overrides(captured, tmp_path):
     client = RunConfig.from_run_config(store.retrieve_context(run.run_id).run_config)
     server = RunConfig.from_run_config(captured["server_app_context"].run_config)
     assert client == server
-    assert (client.local_steps, client.batch_size, client.model_name, client.datasets) == (
+    assert (client.train.local_steps, client.train.batch_size, client.model.model_name, client.data.datasets) == (
         3, 2, "smolvla-size", "so101-hub")
     assert captured["backend_config"]["client_resources"] == {"num_cpus": 1, "num_gpus": 0.0}
     assert captured["backend_config"]["init_args"]["_node_ip_address"] == "127.0.0.1"

@@ -41,11 +41,12 @@ import torch
 from flwr.common.logger import log
 from lerobot.policies.factory import make_pre_post_processors
 
-from zk0.checkpoint import RunFolder, model_card, save_checkpoint
+from zk0.checkpoint import RunFolder, save_checkpoint
 from zk0.config import BASELINE_MODES, ConfigError, RunConfig
 from zk0.data import (DatasetSplit, batches, decode_stats, encode_stats, open_full, open_split,
                       pool_stats, rename_cameras, train_loader, vector_stats)
 from zk0.evaluate import evaluate_dataset
+from zk0.model_card import model_card
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.registry import DatasetEntry, Registry, RegistryError, load_registry
 from zk0.report import summary_table
@@ -239,8 +240,7 @@ class Baseline(RoundEnd):
 
     def checkpoint(self, server_round: int, summary: dict[str, float]) -> None:
         """Every learner as a LeRobot policy folder (:meth:`checkpoint_folder`), with the round's card."""
-        as_run = dataclasses.replace(self.cfg, federation=dataclasses.replace(self.cfg.federation, strategy=self.mode))
-        card = model_card(as_run, self.registry, server_round, summary, self.fingerprint)
+        card = model_card(self.run_folder.root, server_round, self.policy.config)
         for learner in self.learners:
             load_trainable(self.policy, learner.weights)
             save_checkpoint(self.checkpoint_folder(server_round, learner), self.policy, learner.stats, card)

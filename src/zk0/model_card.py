@@ -1,0 +1,173 @@
+"""The model card (a checkpoint's README.md), written from the run folder's own records.
+
+What it says is what happened: the datasets that trained in each round (not the registry's list),
+the held-out and unseen metrics of this round against round 0, the policy's inputs and outputs,
+how the federation ran and was secured, and how to load the folder with LeRobot alone. The YAML
+header is built with huggingface_hub's ``ModelCardData``, so the Hub renders and indexes it.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import version
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from zk0.tracking import read_metrics
+
+TAGS = ["smolvla", "federated-learning", "flower", "lerobot", "zk0", "so101"]
+LOCAL_MODELS = ("tiny", "smolvla-size")  # built here from a local config: no hub base model
+USE_SNIPPET = """from pathlib import Path
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.policies.factory import make_pre_post_processors
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+d = Path("<this folder>")
+cfg = PreTrainedConfig.from_pretrained(d)
+if (d / cfg.vlm_model_name).is_dir():  # a locally built VLM travels in the folder
+    cfg.vlm_model_name = str(d / cfg.vlm_model_name)
+policy = SmolVLAPolicy.from_pretrained(d, config=cfg)
+preprocessor, postprocessor = make_pre_post_processors(
+    cfg, pretrained_path=str(d),
+    preprocessor_overrides={"tokenizer_processor": {"tokenizer_name": cfg.vlm_model_name}})
+"""
+CITATION = """@article{shukor2025smolvla,
+  title={SmolVLA: A Vision-Language-Action Model for Affordable and Efficient Robotics},
+  author={Shukor, Mustafa and others},
+  journal={arXiv preprint arXiv:2506.01844},
+  year={2025}
+}"""
+
+
+def model_card(run_dir: Path, server_round: int, policy_config: Any) -> str:
+    """The card for the checkpoint of ``server_round`` of the run in ``run_dir``."""
+    config = json.loads((run_dir / "config.json").read_text())
+    run_config = config["run-config"]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    trained = _trained_per_round(records, server_round)
+    kind = config.get("mode", run_config["strategy"])
+    title = f"zk0 {kind} SmolVLA: round {server_round} of {run_config['num-server-rounds']}"
+    body = "\n\n".join([f"# {title}", _intro(config, kind, trained), _federation(trained, config),
+                        _results(records, server_round), _io(policy_config, run_config), _training(run_config, config),
+                        _use(), f"## Citation\n```bibtex\n{CITATION}\n```"])
+    return f"---\n{_metadata(config, records, server_round, title).to_yaml()}\n---\n\n{body}\n"
+
+
+def _metadata(config: dict, records: list[dict], server_round: int, title: str):
+    from huggingface_hub import EvalResult, ModelCardData
+
+    model = config["run-config"]["model-name"]
+    hub_datasets = [e["uri"].removeprefix("hf:") for group in ("clients", "server-eval")
+                    for e in config.get("datasets", {}).get(group, []) if e["uri"].startswith("hf:")]
+    results = [EvalResult(task_type="robotics", dataset_type=kind, dataset_name=name, metric_type="mae",
+                          metric_value=round(value, 4), metric_name=f"{label} action MAE (deg)")
+               for (name, kind, label), value in _maes(records, server_round).items()]
+    return ModelCardData(library_name="lerobot", pipeline_tag="robotics", license="apache-2.0", tags=TAGS,
+                         base_model=None if model in LOCAL_MODELS or Path(model).is_absolute() else model,
+                         datasets=hub_datasets or None, model_name=title, eval_results=results or None)
+
+
+def _maes(records: list[dict], server_round: int) -> dict[tuple[str, str, str], float]:
+    """Action MAE per dataset at ``server_round``: held-out episodes on clients, unseen tasks on the server."""
+    out = {}
+    for r in records:
+        if r["round"] == server_round and "eval-action-mae" in r:
+            label = "held-out" if r["source"] == "client-eval" else "unseen-task"
+            out[(r["dataset"], "client" if r["source"] == "client-eval" else "server", label)] = r["eval-action-mae"]
+    return out
+
+
+def _trained_per_round(records: list[dict], last: int) -> dict[int, list[str]]:
+    """The datasets whose updates were recorded in each round up to ``last``."""
+    rounds: dict[int, set[str]] = {}
+    for r in records:
+        if r["source"] == "client" and "train-loss" in r and r["round"] <= last:
+            rounds.setdefault(r["round"], set()).add(r.get("dataset", "?"))
+    return {k: sorted(v) for k, v in sorted(rounds.items())}
+
+
+def _intro(config: dict, kind: str, trained: dict[int, list[str]]) -> str:
+    everyone = sorted({d for names in trained.values() for d in names})
+    how = ("trained centrally on the pooled training episodes (a baseline)" if kind == "centralized" else
+           "trained on each client's episodes alone (a baseline)" if kind == "local" else
+           f"trained with federated {kind} across {len(everyone)} clients")
+    versions = config.get("versions", {})
+    return (f"A SmolVLA vision-language-action policy for SO-100/SO-101 arms, {how}, with zk0 (Flower "
+            f"{versions.get('flwr', version('flwr'))}, LeRobot {versions.get('lerobot', version('lerobot'))}). "
+            f"In federated training the robot owners' demonstrations never left their machines: only the "
+            f"trainable tensors, metrics and normalisation statistics travelled.")
+
+
+def _federation(trained: dict[int, list[str]], config: dict) -> str:
+    rows, previous = [], None
+    for server_round, names in trained.items():
+        if names != previous:  # one row per change of who trained
+            rows.append(f"| {server_round} | {len(names)} | {', '.join(names)} |")
+            previous = names
+    registry = config.get("datasets", {})
+    evals = ", ".join(e["uri"] for e in registry.get("server-eval", [])) or "none"
+    return ("## Federation\nThe datasets whose updates were aggregated (a row where that changed):\n\n"
+            "| from round | clients | datasets |\n|---|---|---|\n" + "\n".join(rows or ["| — | 0 | — |"])
+            + f"\n\nRegistry profile `{registry.get('profile', '?')}`; server evaluation on unseen tasks: {evals}.")
+
+
+def _results(records: list[dict], server_round: int) -> str:
+    now, start = _maes(records, server_round), _maes(records, 0)
+    rows = [f"| {name} | {label} | {_num(start.get((name, kind, label)))} | {_num(value)} |"
+            for (name, kind, label), value in sorted(now.items())]
+    success = {r: [x["success-rate"] for x in records if x["round"] == r and x.get("event") == "sim-eval"]
+               for r in (0, server_round)}
+    sim = (f"\n\nSimulator success (closed loop): {_pct(success[0])} at round 0, {_pct(success[server_round])} "
+           f"at round {server_round}." if success[server_round] else "\n\nSimulator success was not measured.")
+    history = _history(records, server_round)
+    return (f"## Results\nAction MAE in degrees, round 0 against round {server_round}:\n\n"
+            "| dataset | evaluated on | round 0 | this round |\n|---|---|---|---|\n" + "\n".join(rows) + sim
+            + "\n\nLoss history (mean over clients):\n\n| round | train loss | held-out loss |\n|---|---|---|\n"
+            + history)
+
+
+def _history(records: list[dict], last: int) -> str:
+    lines = []
+    for server_round in range(last + 1):
+        train = [r["train-loss"] for r in records if r["round"] == server_round and "train-loss" in r]
+        held = [r["eval-loss"] for r in records if r["round"] == server_round and r["source"] == "client-eval"]
+        lines.append(f"| {server_round} | {_num(mean(train) if train else None)} | "
+                     f"{_num(mean(held) if held else None)} |")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def _pct(values: list[float]) -> str:
+    return f"{mean(values):.0%}" if values else "not measured"
+
+
+def _io(policy_config: Any, run_config: dict) -> str:
+    rows = [f"| `{name}` | {feature.type.name.lower()} | {list(feature.shape)} |"
+            for name, feature in [*policy_config.input_features.items(), *policy_config.output_features.items()]]
+    return ("## Inputs and outputs\n| feature | kind | shape |\n|---|---|---|\n" + "\n".join(rows)
+            + f"\n\nThe policy predicts chunks of {policy_config.chunk_size} actions and executes "
+            f"{policy_config.n_action_steps} of them; base model `{run_config['model-name']}`.")
+
+
+def _training(run_config: dict, config: dict) -> str:
+    keys = ("strategy", "proximal-mu", "num-server-rounds", "local-steps", "batch-size", "lr", "lr-schedule",
+            "lr-min-factor", "warmup-rounds", "grad-clip-norm", "chunk-size", "seed")
+    hyper = "\n".join(f"| `{k}` | `{run_config[k]}` |" for k in keys if k in run_config)
+    return ("## Training\n| key | value |\n|---|---|\n" + hyper
+            + f"\n\nWhat travelled: {run_config['transport-dtype']} trainable tensors (the frozen vision-language "
+            f"base stays on each machine, fingerprint `{config.get('base-fingerprint', '?')[:16]}`), each payload "
+            f"with a SHA-256 digest both sides check; updates above a norm of {run_config['max-update-norm']} and "
+            f"implausible replies were rejected; pooled normalisation statistics needed at least "
+            f"{run_config.get('min-stats-clients', '?')} contributors. A deployment runs over TLS with registered "
+            f"node keys. No differential privacy. The full config is in the run folder's `config.json`.")
+
+
+def _use() -> str:
+    return ("## Use\nWith LeRobot alone, on a local copy of this folder (`huggingface_hub.snapshot_download` for a "
+            f"hub repo):\n```python\n{USE_SNIPPET}```\n\nEvaluate it with zk0: `zk0 eval <folder> --sim` "
+            "(closed-loop success in the SO-101 simulator) or `zk0 eval <folder> --dataset hf:user/name` "
+            "(offline loss and action MAE on a LeRobot dataset).")
