@@ -224,3 +224,16 @@ def test_server_evaluates_in_the_simulator_every_sim_eval_every_rounds(run_confi
 def test_sim_evaluation_needs_simulator_tasks(run_config):
     with pytest.raises(ConfigError, match="no simulator tasks"):
         run_federation(run_config(datasets="so101-hub", sim_eval_every=1))
+
+
+def test_hf_repo_id_makes_the_server_push_at_the_end_and_say_how_it_went(run_config, monkeypatch):
+    """Offline here, so the ServerApp's push fails: one line, the run folder complete (online: tests/test_push.py)."""
+    from zk0 import server_app
+
+    logged = []
+    monkeypatch.setattr(server_app, "log", lambda level, text, *args: logged.append(text % args))
+    config = run_config(num_server_rounds=1, checkpoint_interval=1, hf_repo_id="alice/so101-fl")
+    run_dir, _ = run_federation(config)
+    line = next(line for line in logged if "alice/so101-fl" in line)
+    assert line.startswith("zk0 not pushed to alice/so101-fl: HF_HUB_OFFLINE is set")
+    assert (run_dir / "checkpoints" / "round_1" / "model.safetensors").is_file()

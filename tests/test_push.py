@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from zk0.cli.app import app
-from zk0.hub import PushError, best_round, plan_push, push, skip_reason
+from zk0.config import RunConfig
+from zk0.hub import PushError, best_round, plan_push, push, push_at_end, skip_reason
 
 TOKEN = "hf_zk0TestTokenThatMustNeverBeWritten"
 
@@ -122,7 +123,22 @@ def test_dry_run_writes_exactly_what_would_be_uploaded(tmp_path):
     assert again.exit_code == 1 and "exists" in again.stderr
 
 
-def test_a_run_pushes_at_its_end_only_when_complete_and_long_enough():
-    assert skip_reason(10, 5, completed=True) is None
-    assert "num-server-rounds=3 < checkpoint-interval=5" in skip_reason(3, 5, completed=True)
-    assert skip_reason(10, 5, completed=False) == "the run did not complete"
+def test_a_completed_run_pushes_its_last_checkpoint_privately_unless_it_is_short(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    run = make_run(tmp_path)
+    api = FakeHfApi()
+    line = push_at_end(run, RunConfig.flat(hf_repo_id="alice/fl", num_server_rounds=5, checkpoint_interval=5), api)
+    assert line == "pushed round 4 to https://huggingface.co/alice/fl (private)"
+    assert api.calls[0] == ("create_repo", "alice/fl", True, True) and api.calls[2][2] == "fl-round-4"
+    short = push_at_end(run, RunConfig.flat(hf_repo_id="alice/fl", num_server_rounds=3), FakeHfApi())
+    assert short == ("not pushed to alice/fl: num-server-rounds=3 < checkpoint-interval=5: a short test run is "
+                     "not published")
+    assert skip_reason(10, 5) is None
+
+
+def test_an_end_of_run_push_that_fails_says_so_and_keeps_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = make_run(tmp_path)
+    line = push_at_end(run, RunConfig.flat(hf_repo_id="alice/fl", num_server_rounds=5, checkpoint_interval=5))
+    assert line.startswith("not pushed to alice/fl: HF_HUB_OFFLINE is set") and "retry with `zk0 push`" in line
+    assert (run / "checkpoints" / "round_4" / "model.safetensors").is_file()

@@ -144,6 +144,7 @@ class TrackingConfig:
 
     output_dir: str = "outputs"
     checkpoint_interval: int = 5
+    hf_repo_id: str = ""
     use_wandb: bool = False
     wandb_project: str = "zk0"
     resume_from: str = ""

@@ -17,6 +17,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Protocol
 
+from zk0.config import RunConfig
 from zk0.tracking import read_metrics
 
 CHECKPOINTS = "checkpoints"
@@ -170,11 +171,29 @@ def _hub_reason(err: Exception) -> str:
     return f"{name}: {first}"
 
 
-def skip_reason(num_server_rounds: int, checkpoint_interval: int, completed: bool) -> str | None:
-    """Why a run with ``hf-repo-id`` set does not push at its end (None: it pushes)."""
-    if not completed:
-        return "the run did not complete"
+def skip_reason(num_server_rounds: int, checkpoint_interval: int) -> str | None:
+    """Why a completed run with ``hf-repo-id`` set does not push (None: it pushes). A failed run never gets here."""
     if num_server_rounds < checkpoint_interval:
         return (f"num-server-rounds={num_server_rounds} < checkpoint-interval={checkpoint_interval}: "
                 f"a short test run is not published")
     return None
+
+
+def push_at_end(run_dir: Path, cfg: RunConfig, api: HubApi | None = None) -> str:
+    """Push a completed run's last checkpoint to ``hf-repo-id`` (private); the one line to log either way.
+
+    A push that fails loses nothing: the run folder stays, and ``zk0 push`` can try again.
+    """
+    repo_id = cfg.tracking.hf_repo_id
+    if reason := skip_reason(cfg.federation.num_server_rounds, cfg.tracking.checkpoint_interval):
+        return f"not pushed to {repo_id}: {reason}"
+    try:
+        plan = plan_push(run_dir, repo_id, "last", private=True)
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=hub_token(Path.cwd()))
+        push(plan, api)
+    except PushError as err:
+        return f"not pushed to {repo_id}: {err} (the run folder is complete; retry with `zk0 push`)"
+    return f"pushed round {plan.server_round} to https://huggingface.co/{repo_id} (private)"

@@ -23,6 +23,7 @@ from zk0.config import RunConfig
 from zk0.data import decode_stats, feature_sizes, open_full, outliers, pool_reports
 from zk0.evaluate import evaluate_dataset
 from zk0.flower_seams import set_reply_sender
+from zk0.hub import push_at_end
 from zk0.model_card import model_card
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.registry import Registry, load_registry
@@ -66,6 +67,8 @@ def main(grid: Grid, context: Context) -> None:
     for line in summary_table([tracker.round_summary(r) | {"round": r} for r in rounds]):
         log(INFO, "%s", line)
     log(INFO, "zk0 run folder: %s", run.root)
+    if cfg.tracking.hf_repo_id:
+        log(INFO, "zk0 %s", push_at_end(run.root, cfg))
 
 
 def open_run(cfg: RunConfig, registry: Registry, fingerprint: str,
