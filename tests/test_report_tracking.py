@@ -131,3 +131,16 @@ def test_wandb_logs_offline_into_the_run_folder_without_an_api_key(tmp_path, mon
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     assert next(run.glob("*.wandb")).stat().st_size > 0
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 2
+
+
+def test_charts_name_the_run_and_its_strategy(tmp_path):
+    from zk0.tracking import run_label, write_charts
+
+    run = tmp_path / "20261129-000000-fedavg-7"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"run-config": {"strategy": "fedavg"}}))
+    records = [{"round": r, "source": "client-eval", "dataset": "a", "eval-loss": 1.0, "eval-action-mae": 2.0}
+               for r in (0, 1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert sorted(p.name for p in write_charts(run)) == ["eval_action_mae.png", "eval_loss.png"]
+    assert run_label(run) == "fedavg, 20261129-000000-fedavg-7"

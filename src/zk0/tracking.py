@@ -6,6 +6,7 @@ charts, the progress lines, the summary table and W&B all show the same values.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import defaultdict
@@ -82,7 +83,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def write_charts(run_dir: Path) -> list[Path]:
-    """Train loss per client and evaluation metrics per round, as PNGs under ``charts/``."""
+    """Train loss per client and evaluation metrics per round, as PNGs under ``charts/``.
+
+    Each title names the run and its strategy (charts get copied around), rounds are whole
+    numbers, and action MAE carries its unit: the SO-100/SO-101 joints are in degrees.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,20 +96,32 @@ def write_charts(run_dir: Path) -> list[Path]:
     records = read_metrics(run_dir / "metrics.jsonl")
     charts = run_dir / "charts"
     charts.mkdir(exist_ok=True)
+    run = run_label(run_dir)
     written = []
     series = _series(records, "client", "train-loss")
     if series:
-        written.append(_plot(plt, series, "train loss per client", "flow-matching loss", charts / "train_loss.png"))
+        written.append(_plot(plt, series, f"Training loss per client — {run}", "flow-matching loss",
+                             charts / "train_loss.png"))
     series = _series([r for r in records if r.get("event") == "sim-eval"], "server", "success-rate")
     if series:
-        written.append(_plot(plt, series, "closed-loop success rate per simulator task", "success rate",
+        written.append(_plot(plt, series, f"Closed-loop success per simulator task — {run}", "success rate",
                              charts / "sim_success.png"))
-    for key, label in (("eval-loss", "flow-matching loss (fixed noise)"), ("eval-action-mae", "action MAE")):
-        series = {f"server: {k}": v for k, v in _series(records, "server", key).items()}
+    for key, title, label in (("eval-loss", "Evaluation loss", "flow-matching loss (fixed noise)"),
+                              ("eval-action-mae", "Action error", "action MAE (degrees)")):
+        series = {f"unseen task: {k}": v for k, v in _series(records, "server", key).items()}
         series.update({f"held-out: {k}": v for k, v in _series(records, "client-eval", key).items()})
         if series:
-            written.append(_plot(plt, series, f"{key} per round", label, charts / f"{key.replace('-', '_')}.png"))
+            written.append(_plot(plt, series, f"{title} per round — {run}", label,
+                                 charts / f"{key.replace('-', '_')}.png"))
     return written
+
+
+def run_label(run_dir: Path) -> str:
+    """``fedprox, run 20261129-214247`` (a baseline: its mode), from the run folder's config.json."""
+    path = run_dir / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    kind = config.get("mode") or config.get("run-config", {}).get("strategy", "run")
+    return f"{kind}, {run_dir.name}"
 
 
 def _series(records: list[dict], source: str, key: str) -> dict[str, list[tuple[int, float]]]:
@@ -116,11 +133,15 @@ def _series(records: list[dict], source: str, key: str) -> dict[str, list[tuple[
 
 
 def _plot(plt, series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, points in sorted(series.items()):
         xs, ys = zip(*sorted(points))
         ax.plot(xs, ys, marker="o", label=name)
     ax.set(title=title, xlabel="round", ylabel=ylabel)
+    ax.title.set_fontsize(10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

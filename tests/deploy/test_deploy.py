@@ -175,7 +175,8 @@ def test_two_nodes_run_two_rounds_while_an_outsider_with_ca_crt_is_refused_every
     assert all(f"online     {name}" in status for name in NAMES[:2]) and "carol" in status
     assert status.split("nodes:")[1].count("\n  ") == 3, "the intruder's key was never registered"
     assert status.split("runs:")[1].split("nodes:")[0].count("\n  ") == 1, "the intruder submitted no run"
-    assert "zk0 round 2/2" in zk0("logs", run_id, "-d", str(federation.server)).stdout
+    server_log = zk0("logs", run_id, "-d", str(federation.server)).stdout
+    assert "zk0 round 2/2" in server_log and "\x1b[" not in server_log, "the log comes without colour codes"
     stop = zk0("stop", run_id, "-d", str(federation.server))
     assert stop.stdout.strip() == f"run {run_id} already finished (finished:completed)"
     unknown = zk0("stop", "1", "-d", str(federation.server), check=False)

@@ -9,6 +9,7 @@ the server folder.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ FINISHED = "finished"
 FLWR_TIMEOUT = 600.0  # a `flwr` call: `flwr --version` alone took 26 s on a loaded 2-core machine
 UNKNOWN_RUN = "Run ID not found"  # Flower 1.42's reasons: a run id the SuperLink does not have,
 KNOWN_KEY = "Public key already in use"  # a node key registered before
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colour codes Flower's logger always writes
 SERVER_PROCESSES = ("superlink", "fleet-proxy")  # started in this order, stopped in reverse
 
 
@@ -387,11 +389,14 @@ def logs(
     folder: ServerDir = DEFAULT_SERVER,
     follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming new lines.")] = False,
 ) -> None:
-    """Print a run's ServerApp log."""
+    """Print a run's ServerApp log, without Flower's terminal colour codes (it is often piped to a file)."""
     folder = superlink(folder)
-    proc = subprocess.run([str(commands.BIN / "flwr"), "log", str(run_id), server_folder.CONNECTION,
-                           "--stream" if follow_ else "--show"], env=commands.flower_env(folder / "flwr"))
-    raise typer.Exit(proc.returncode)
+    proc = subprocess.Popen([str(commands.BIN / "flwr"), "log", str(run_id), server_folder.CONNECTION,
+                             "--stream" if follow_ else "--show"], env=commands.flower_env(folder / "flwr"),
+                            stdout=subprocess.PIPE, text=True, errors="replace")
+    for line in proc.stdout:
+        typer.echo(ANSI.sub("", line), nl=False)
+    raise typer.Exit(proc.wait())
 
 
 def stop_run(
