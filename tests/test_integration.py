@@ -237,3 +237,9 @@ def test_hf_repo_id_makes_the_server_push_at_the_end_and_say_how_it_went(run_con
     line = next(line for line in logged if "alice/so101-fl" in line)
     assert line.startswith("zk0 not pushed to alice/so101-fl: HF_HUB_OFFLINE is set")
     assert (run_dir / "checkpoints" / "round_1" / "model.safetensors").is_file()
+
+
+def test_every_run_keeps_its_log_in_zk0_log(run_config):
+    run_dir, _ = run_federation(run_config(num_server_rounds=1))
+    text = (run_dir / "zk0.log").read_text()
+    assert "zk0 round 1/1" in text and f"zk0 run folder: {run_dir}" in text and "\x1b[" not in text

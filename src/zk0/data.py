@@ -11,11 +11,9 @@ import importlib
 import json
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import av.logging
 import numpy as np
 import torch
 from lerobot.datasets.compute_stats import DEFAULT_QUANTILES, aggregate_stats, get_feature_stats
@@ -24,6 +22,7 @@ from lerobot.datasets.utils import CompatibilityError
 from lerobot.datasets.video_utils import decode_video_frames
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 
+from zk0.logs import ffmpeg_quiet
 from zk0.policy import POLICY_FPS
 from zk0.registry import DatasetEntry
 
@@ -177,23 +176,12 @@ def check_frames(entry: DatasetEntry, meta: LeRobotDatasetMetadata) -> None:
         for cam in meta.video_keys:
             timestamp = info[f"videos/{cam}/from_timestamp"] + (info["length"] - 1) / meta.fps
             try:
-                with _ffmpeg_quiet():
+                with ffmpeg_quiet():
                     decode_video_frames(meta.root / meta.get_video_file_path(episode, cam), [timestamp],
                                         tolerance_s=0.5 / meta.fps, backend="pyav")
             except Exception as err:  # PyAV, FFmpeg and LeRobot's timestamp checks raise many kinds
                 raise DatasetError(f"dataset {entry.uri!r}: camera {cam!r} of episode {episode} does not decode "
                                    f"({type(err).__name__}); re-encode or drop that episode") from None
-
-
-@contextmanager
-def _ffmpeg_quiet() -> Iterator[None]:
-    """FFmpeg's own messages off: a broken video is reported in one line, not in FFmpeg's dozen."""
-    before = av.logging.get_level()
-    av.logging.set_level(av.logging.PANIC)
-    try:
-        yield
-    finally:
-        av.logging.set_level(before)
 
 
 def preflight(entry: DatasetEntry, policy_cfg: SmolVLAConfig, training: bool) -> DatasetEntry:

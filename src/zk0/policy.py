@@ -22,6 +22,7 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from zk0 import so101, tiny
 from zk0.checkpoint import load_config
 from zk0.config import RunConfig
+from zk0.logs import prints_to_debug
 
 TINY = "tiny"
 SMOLVLA_SIZE = "smolvla-size"
@@ -71,7 +72,8 @@ def build_policy(cfg: RunConfig, device_name: str | None = None) -> SmolVLAPolic
     device = resolve_device(device_name or cfg.train.device)
     if cfg.model.model_name in LOCAL_MODELS:
         torch.manual_seed(cfg.seed)  # the frozen base must be identical on every node
-        policy = SmolVLAPolicy(local_config(cfg.model.model_name, cfg.model.chunk_size, device.type))
+        with prints_to_debug("lerobot"):
+            policy = SmolVLAPolicy(local_config(cfg.model.model_name, cfg.model.chunk_size, device.type))
     else:
         policy = _load_pretrained(cfg.model.model_name, device)
         policy.config.chunk_size = policy.config.n_action_steps = cfg.model.chunk_size
@@ -113,7 +115,8 @@ def _load_pretrained(name: str, device: torch.device) -> SmolVLAPolicy:
     try:
         config = load_config(name)
         config.device = device.type
-        return SmolVLAPolicy.from_pretrained(name, config=config)
+        with prints_to_debug("lerobot"):
+            return SmolVLAPolicy.from_pretrained(name, config=config)
     except (OSError, ValueError) as err:
         raise ModelUnavailable(f"model {name!r} could not be loaded as a SmolVLA policy: "
                                f"{str(err).splitlines()[0]}") from None

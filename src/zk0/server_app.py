@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -24,6 +24,7 @@ from zk0.data import decode_stats, feature_sizes, open_full, outliers, pool_repo
 from zk0.evaluate import evaluate_dataset
 from zk0.flower_seams import set_reply_sender
 from zk0.hub import push_at_end
+from zk0.logs import run_log
 from zk0.model_card import model_card
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.registry import Registry, load_registry
@@ -53,22 +54,26 @@ def main(grid: Grid, context: Context) -> None:
     policy = build_policy(cfg, cfg.eval.server_device)
     fingerprint = base_fingerprint(policy)
     run, saved, attempt = open_run(cfg, registry, fingerprint, context.run_id)
-    tracker = Tracker(run.root, cfg, resume_after=saved.server_round if saved else None)
-    audit = AuditLog(run.root, context.run_id, attempt)
-    try:
-        state = start_state(grid, cfg, policy, fingerprint, saved, audit, tracker.log)
-        round_end = ServerRoundEnd(cfg, registry, run, policy, state, tracker)
-        run_rounds(grid, SmolVLAStrategy(cfg, state.wire), state, round_end, run,
-                   first=saved.server_round + 1 if saved else 0)
-    finally:
-        tracker.close()
-        write_charts(run.root)
-    rounds = range(cfg.federation.num_server_rounds + 1)
-    for line in summary_table([tracker.round_summary(r) | {"round": r} for r in rounds]):
-        log(INFO, "%s", line)
-    log(INFO, "zk0 run folder: %s", run.root)
-    if cfg.tracking.hf_repo_id:
-        log(INFO, "zk0 %s", push_at_end(run.root, cfg))
+    with run_log(run.root):  # every line of this attempt also goes to the run's zk0.log
+        tracker = Tracker(run.root, cfg, resume_after=saved.server_round if saved else None)
+        audit = AuditLog(run.root, context.run_id, attempt)
+        try:
+            state = start_state(grid, cfg, policy, fingerprint, saved, audit, tracker.log)
+            round_end = ServerRoundEnd(cfg, registry, run, policy, state, tracker)
+            run_rounds(grid, SmolVLAStrategy(cfg, state.wire), state, round_end, run,
+                       first=saved.server_round + 1 if saved else 0)
+        except RoundFailed as err:
+            log(ERROR, "zk0 run failed: %s", err)  # into zk0.log too; Flower reports the run failed
+            raise
+        finally:
+            tracker.close()
+            write_charts(run.root)
+        rounds = range(cfg.federation.num_server_rounds + 1)
+        for line in summary_table([tracker.round_summary(r) | {"round": r} for r in rounds]):
+            log(INFO, "%s", line)
+        log(INFO, "zk0 run folder: %s", run.root)
+        if cfg.tracking.hf_repo_id:
+            log(INFO, "zk0 %s", push_at_end(run.root, cfg))
 
 
 def open_run(cfg: RunConfig, registry: Registry, fingerprint: str,

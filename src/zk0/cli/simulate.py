@@ -10,6 +10,7 @@ import typer
 
 from zk0.cli.common import RunConfigOpt, check_setup, fail, parse_overrides, registry_clients, settle_config
 from zk0.config import ConfigError, RunConfig
+from zk0.logs import quiet_simulation_runtime
 
 
 def simulate(
@@ -42,6 +43,7 @@ def simulate(
     resources = {"num_cpus": client_cpus, "num_gpus": client_gpu_share(cfg, n, client_gpus)}
     check_setup(cfg, n)
     before = set(Path(cfg.tracking.output_dir).glob("*")) if Path(cfg.tracking.output_dir).exists() else set()
+    quiet_simulation_runtime()
     _run_simulation(overrides, n, resources)
     created = sorted(set(Path(cfg.tracking.output_dir).glob("*")) - before)
     run_dir = Path(cfg.tracking.resume_from) if cfg.tracking.resume_from else (created[-1] if created else None)

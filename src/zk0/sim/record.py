@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zk0.logs import ffmpeg_quiet
 from zk0.sim.env import SimEnv
 from zk0.sim.expert import Expert
 from zk0.sim.scene import Task, get_task
@@ -103,10 +104,12 @@ def _write(task: Task, folder: Path, repo_id: str, episodes: int, seed: int, ima
                     dataset.add_frame({**frame, "task": task.instruction})
                 # in-process encoding: forking this large process per episode costs more than
                 # encoding two small videos
-                dataset.save_episode(parallel_encoding=False)
+                with ffmpeg_quiet():  # the muxer's chatter stays off the console
+                    dataset.save_episode(parallel_encoding=False)
                 successes += 1
                 frames += len(demo)
-    dataset.finalize()
+    with ffmpeg_quiet():
+        dataset.finalize()
     return attempts, frames
 
 

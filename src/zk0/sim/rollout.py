@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zk0.logs import ffmpeg_quiet
 from zk0.sim.env import SimEnv
 from zk0.sim.scene import Task, get_task
 from zk0.so101 import CAMERAS, FPS, JOINTS
@@ -80,7 +81,7 @@ def write_mp4(frames: Sequence[np.ndarray], path: Path, fps: int = FPS) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = (n + n % 2 for n in frames[0].shape[:2])
-    with av.open(str(path), mode="w") as container:
+    with ffmpeg_quiet(), av.open(str(path), mode="w") as container:
         stream = container.add_stream("h264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for frame in frames:
