@@ -58,7 +58,7 @@ def test_the_card_lists_who_really_trained_and_the_results(tmp_path, features):
     card = model_card(run_folder(tmp_path), 2, features)
     assert "federated fedavg across 2 clients" in card
     assert "| 1 | 2 | pick, place |" in card and "| 2 | 1 | pick |" in card
-    assert "| pick | held-out | 20 | 10 |" in card and "| unseen | unseen-task | 30 | 28 |" in card
+    assert "| pick | held-out | 2 | 1 | 20 | 10 |" in card and "| unseen | unseen-task | 3 | 3 | 30 | 28 |" in card
     assert "Simulator success (closed loop): not measured at round 0, 50% at round 2." in card
     assert "| `observation.state` | state | [6] |" in card and "| `action` | action | [6] |" in card
     assert "chunks of 5 actions" in card and "never left their machines" in card

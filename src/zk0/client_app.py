@@ -25,6 +25,7 @@ from zk0.config import RunConfig
 from zk0.data import (DatasetSplit, batches, decode_stats, describe_cameras, encode_stats, open_split,
                       train_loader, vector_stats)
 from zk0.evaluate import evaluate_dataset
+from zk0.logs import quiet_libraries
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_shapes, trainable_state
 from zk0.reasons import error_reason
 from zk0.registry import DatasetEntry, load_registry, parse_camera_map
@@ -72,6 +73,7 @@ def runtime(context: Context) -> ClientRuntime:
     """The resident runtime of this node and run, built on its first message."""
     key = (context.run_id, context.node_id)
     if key not in _RUNTIMES:
+        quiet_libraries()
         cfg = RunConfig.from_run_config(context.run_config)
         partition_id, entry = dataset_entry(cfg, context)
         policy = build_policy(cfg)

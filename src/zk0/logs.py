@@ -68,15 +68,29 @@ def prints_to_debug(source: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def ffmpeg_quiet() -> Iterator[None]:
-    """FFmpeg's own messages off while encoding or decoding (a broken video is reported in one line of ours)."""
+    """FFmpeg's own messages off while encoding or decoding (a broken video is reported in one line of ours),
+    then back to errors only.
+
+    The level is libav's own: LeRobot's video encoder reinstates FFmpeg's terminal logger after each
+    episode, so PyAV's ``set_level`` (which filters only PyAV's logger) does not reach it.
+    """
     import av.logging
 
-    before = av.logging.get_level()
-    av.logging.set_level(av.logging.PANIC)
+    av.logging.set_libav_level(av.logging.PANIC)
     try:
         yield
     finally:
-        av.logging.set_level(before)
+        av.logging.set_libav_level(av.logging.ERROR)
+
+
+def quiet_libraries() -> None:
+    """Progress bars of Hugging Face ``datasets`` (one per dataset opened) and FFmpeg's encoder statistics stay
+    off the console of every zk0 process; FFmpeg errors still show."""
+    import av.logging
+    import datasets
+
+    datasets.disable_progress_bars()
+    av.logging.set_libav_level(av.logging.ERROR)
 
 
 def quiet_simulation_runtime() -> None:

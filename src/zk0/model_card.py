@@ -62,19 +62,19 @@ def _metadata(config: dict, records: list[dict], server_round: int, title: str):
                     for e in config.get("datasets", {}).get(group, []) if e["uri"].startswith("hf:")]
     results = [EvalResult(task_type="robotics", dataset_type=kind, dataset_name=name, metric_type="mae",
                           metric_value=round(value, 4), metric_name=f"{label} action MAE (deg)")
-               for (name, kind, label), value in _maes(records, server_round).items()]
+               for (name, kind, label), value in _evals(records, server_round, "eval-action-mae").items()]
     return ModelCardData(library_name="lerobot", pipeline_tag="robotics", license="apache-2.0", tags=TAGS,
                          base_model=None if model in LOCAL_MODELS or Path(model).is_absolute() else model,
                          datasets=hub_datasets or None, model_name=title, eval_results=results or None)
 
 
-def _maes(records: list[dict], server_round: int) -> dict[tuple[str, str, str], float]:
-    """Action MAE per dataset at ``server_round``: held-out episodes on clients, unseen tasks on the server."""
+def _evals(records: list[dict], server_round: int, key: str) -> dict[tuple[str, str, str], float]:
+    """``key`` per dataset at ``server_round``: held-out episodes on clients, unseen tasks on the server."""
     out = {}
     for r in records:
-        if r["round"] == server_round and "eval-action-mae" in r:
+        if r["round"] == server_round and key in r and r["source"] in ("client-eval", "server"):
             label = "held-out" if r["source"] == "client-eval" else "unseen-task"
-            out[(r["dataset"], "client" if r["source"] == "client-eval" else "server", label)] = r["eval-action-mae"]
+            out[(r["dataset"], "client" if r["source"] == "client-eval" else "server", label)] = r[key]
     return out
 
 
@@ -113,16 +113,18 @@ def _federation(trained: dict[int, list[str]], config: dict) -> str:
 
 
 def _results(records: list[dict], server_round: int) -> str:
-    now, start = _maes(records, server_round), _maes(records, 0)
-    rows = [f"| {name} | {label} | {_num(start.get((name, kind, label)))} | {_num(value)} |"
-            for (name, kind, label), value in sorted(now.items())]
+    loss, loss_0 = _evals(records, server_round, "eval-loss"), _evals(records, 0, "eval-loss")
+    mae, mae_0 = _evals(records, server_round, "eval-action-mae"), _evals(records, 0, "eval-action-mae")
+    rows = [f"| {key[0]} | {key[2]} | {_num(loss_0.get(key))} | {_num(loss.get(key))} | {_num(mae_0.get(key))} | "
+            f"{_num(value)} |" for key, value in sorted(mae.items())]
     success = {r: [x["success-rate"] for x in records if x["round"] == r and x.get("event") == "sim-eval"]
                for r in (0, server_round)}
     sim = (f"\n\nSimulator success (closed loop): {_pct(success[0])} at round 0, {_pct(success[server_round])} "
            f"at round {server_round}." if success[server_round] else "\n\nSimulator success was not measured.")
     history = _history(records, server_round)
-    return (f"## Results\nAction MAE in degrees, round 0 against round {server_round}:\n\n"
-            "| dataset | evaluated on | round 0 | this round |\n|---|---|---|---|\n" + "\n".join(rows) + sim
+    return (f"## Results\nFlow-matching loss (fixed noise) and action MAE in degrees, round 0 against round "
+            f"{server_round}:\n\n| dataset | evaluated on | loss, round 0 | loss, round {server_round} | "
+            f"MAE, round 0 | MAE, round {server_round} |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + sim
             + "\n\nLoss history (mean over clients):\n\n| round | train loss | held-out loss |\n|---|---|---|\n"
             + history)
 
@@ -138,7 +140,7 @@ def _history(records: list[dict], last: int) -> str:
 
 
 def _num(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4g}"
+    return "—" if value is None else f"{value:.6g}"
 
 
 def _pct(values: list[float]) -> str:

@@ -91,7 +91,10 @@ def check_setup(cfg: RunConfig, clients: int | None) -> None:
         fail(err)
     from zk0.checkpoint import ResumeError, RunFolder
     from zk0.data import DatasetError, preflight
+    from zk0.logs import quiet_libraries
     from zk0.policy import ModelUnavailable, policy_config
+
+    quiet_libraries()  # recording embedded datasets here would print FFmpeg's statistics
 
     try:
         if cfg.tracking.resume_from:

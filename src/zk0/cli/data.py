@@ -48,8 +48,10 @@ def generate(
     from zk0 import sim, tiny
 
     names = simulator_task_names(tasks)  # before LeRobot loads below: a misspelt task fails in seconds
+    from zk0.logs import quiet_libraries
     from zk0.sim.embedded import EMBEDDED_EPISODES, embedded_root, embedded_seed
 
+    quiet_libraries()
     size = image_size or tiny.IMAGE_SIZE
     if output is None and (size, episodes) != (tiny.IMAGE_SIZE, EMBEDDED_EPISODES):
         fail(f"the embedded cache holds {EMBEDDED_EPISODES} episodes at {tiny.IMAGE_SIZE}px (what the demo "

@@ -93,7 +93,7 @@ def _write(task: Task, folder: Path, repo_id: str, episodes: int, seed: int, ima
                                     robot_type=ROBOT_TYPE, use_videos=True, video_backend="pyav",
                                     rgb_encoder=RGBEncoderConfig(vcodec="h264"))  # quieter than SVT-AV1
     attempts = successes = frames = 0
-    with SimEnv(task, image_size=image_size) as env:
+    with ffmpeg_quiet(), SimEnv(task, image_size=image_size) as env:  # LeRobot encodes in a thread
         while successes < episodes:
             if attempts >= MAX_ATTEMPTS_FACTOR * episodes:
                 raise RuntimeError(f"sim task {task.name}: the expert failed {attempts - successes} of {attempts}")
@@ -104,12 +104,10 @@ def _write(task: Task, folder: Path, repo_id: str, episodes: int, seed: int, ima
                     dataset.add_frame({**frame, "task": task.instruction})
                 # in-process encoding: forking this large process per episode costs more than
                 # encoding two small videos
-                with ffmpeg_quiet():  # the muxer's chatter stays off the console
-                    dataset.save_episode(parallel_encoding=False)
+                dataset.save_episode(parallel_encoding=False)
                 successes += 1
                 frames += len(demo)
-    with ffmpeg_quiet():
-        dataset.finalize()
+        dataset.finalize()  # inside: LeRobot's encoder thread closes its files here
     return attempts, frames
 
 
