@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 STRATEGIES = ("fedprox", "fedavg")
@@ -285,3 +287,16 @@ def _coerce(key: str, raw: Any, type_name: str) -> Any:
         if isinstance(raw, str):
             return raw
     raise ConfigError(f"run-config {key!r} must be {type_name}, got {raw!r} ({type(raw).__name__})")
+
+
+def resume_overrides(run_dir: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The overrides that resume the run in ``run_dir``: its own saved config (``config.json``), the keys of
+    ``overrides`` that cannot change what the run computes, and ``resume-from``."""
+    if fixed := sorted(set(overrides) - set(RESUME_FREE_KEYS)):
+        raise ConfigError(f"--resume continues with the run's own config; {', '.join(fixed)} cannot change")
+    path = run_dir.expanduser().resolve() / "config.json"
+    try:
+        saved = json.loads(path.read_text())["run-config"]
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(f"--resume {run_dir}: no readable config.json there; pass a run folder made by zk0") from None
+    return saved | dict(overrides) | {"resume-from": str(run_dir.expanduser().resolve())}

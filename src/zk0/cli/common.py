@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import tomllib
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 
-from zk0.config import RESUME_FREE_KEYS, ConfigError, RunConfig
+from zk0.config import ConfigError, RunConfig, resume_overrides
 
 RunConfigOpt = Annotated[list[str] | None, typer.Option(
     "--run-config", "-c", help="Run-config overrides: 'key=value key2=value2' (TOML values; bare words are strings).")]
@@ -52,9 +51,7 @@ def settle_config(overrides: dict, resume: Path | None) -> tuple[dict, RunConfig
     overrides = dict(overrides)
     try:
         if resume is not None:
-            if fixed := sorted(set(overrides) - set(RESUME_FREE_KEYS)):
-                raise ConfigError(f"--resume continues with the run's own config; {', '.join(fixed)} cannot change")
-            overrides = _saved_run_config(resume) | overrides | {"resume-from": str(resume.expanduser().resolve())}
+            overrides = resume_overrides(resume, overrides)
         if isinstance(overrides.get("registry"), str) and overrides["registry"]:
             overrides["registry"] = str(Path(overrides["registry"]).expanduser().resolve())
         defaults = get_fused_config_from_dir(default_pyproject().parent, {})
@@ -62,15 +59,6 @@ def settle_config(overrides: dict, resume: Path | None) -> tuple[dict, RunConfig
     except ConfigError as err:
         fail(err)
     return overrides, cfg
-
-
-def _saved_run_config(run_dir: Path) -> dict:
-    """The run config a run folder was started with (its ``config.json``)."""
-    path = run_dir.expanduser().resolve() / "config.json"
-    try:
-        return json.loads(path.read_text())["run-config"]
-    except (OSError, ValueError, KeyError):
-        raise ConfigError(f"--resume {run_dir}: no readable config.json there; pass a run folder made by zk0") from None
 
 
 def check_setup(cfg: RunConfig, clients: int | None) -> None:
