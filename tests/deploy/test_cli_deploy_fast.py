@@ -228,7 +228,7 @@ def test_a_dead_leaders_orphans_are_refused_then_stopped(tmp_path):
     assert processes.running_pid(folder, "superlink") is None and processes.orphaned_group(folder, "superlink") == leader
     refused = CliRunner().invoke(app, ["server", "start", "-d", str(folder)])
     assert refused.exit_code == 1 and f"process group {leader}" in refused.stderr
-    assert processes.stop(folder, "superlink", timeout=30)
+    assert processes.stop(folder, "superlink", timeout=600)
     assert not processes._group_alive(leader) and processes.orphaned_group(folder, "superlink") is None
 
 
@@ -247,7 +247,7 @@ def test_serverapps_of_this_superlink_are_found_by_their_control_port_and_stoppe
             assert time.monotonic() < deadline, server_folder.serverapp_processes(settings)
             time.sleep(0.05)
         assert server_folder.stop_serverapps(settings) == [ours.pid]
-        assert ours.wait(timeout=120) == -signal.SIGTERM and other.poll() is None
+        assert ours.wait(timeout=600) == -signal.SIGTERM and other.poll() is None
     finally:
         ours.kill()
         other.kill()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from zk0.cli import data, deploy, publish, simulate, tools
+from zk0.cli import data, deploy, publish, runs, simulate, tools
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated SmolVLA training across private SO-100/SO-101 datasets (Flower + LeRobot).")
@@ -24,10 +24,10 @@ app.add_typer(data.data_app, name="data")
 app.command("eval")(data.evaluate)
 app.add_typer(deploy.server_app, name="server")
 app.add_typer(deploy.client_app, name="client")
-app.command("run")(deploy.submit)
-app.command("status")(deploy.status)
-app.command("logs")(deploy.logs)
-app.command("stop")(deploy.stop_run)
+app.command("run")(runs.submit)
+app.command("status")(runs.status)
+app.command("logs")(runs.logs)
+app.command("stop")(runs.stop_run)
 
 
 def main() -> None:

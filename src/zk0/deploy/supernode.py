@@ -13,8 +13,8 @@ Run: ``python -m zk0.deploy.supernode`` with ``flower-supernode``'s arguments.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 
 LOST = 75
 
@@ -23,9 +23,10 @@ def main() -> None:
     from zk0.flower_seams import run_supernode
 
     run_supernode()  # returns only when the connection loop ended; a stop or a refusal exits inside it
-    print(f"zk0.deploy.supernode: the connection to the SuperLink ended (see the error above); exiting with "
-          f"code {LOST} "
-          f"to be started again", file=sys.stderr, flush=True)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("zk0.deploy.supernode").error(
+        "the connection to the SuperLink ended (see the error above); exiting with code %d to be started again", LOST)
+    logging.shutdown()
     os._exit(LOST)  # not sys.exit: Flower's runtime API thread would keep the process alive
 
 

@@ -18,12 +18,15 @@ Run: ``python -m zk0.deploy.supervise [--parent-pid PID] [--restart-on 75] -- CO
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+
+log = logging.getLogger("zk0.deploy.supervise")  # its lines go to the log file zk0 gives the process
 
 
 class Supervisor:
@@ -64,21 +67,21 @@ class Supervisor:
         while not self.stopping.is_set() and self.parent_alive():
             started = time.monotonic()
             self.child = subprocess.Popen(self.cmd)
-            say(f"{self.name} started (PID {self.child.pid})")
+            log.info(f"{self.name} started (PID {self.child.pid})")
             code = self._wait_child()
             lived = time.monotonic() - started
             if self.stopping.is_set() or not self.parent_alive():
                 break
             if self.restart_on and code >= 0 and code not in self.restart_on:
-                say(f"{self.name} (PID {self.child.pid}) {describe_exit(code)}: not restarted")
+                log.warning(f"{self.name} (PID {self.child.pid}) {describe_exit(code)}: not restarted")
                 return code
             quick_deaths = 0 if lived >= self.stable_after else quick_deaths + 1
             backoff = first if lived >= self.stable_after else backoff
             if quick_deaths > self.max_restarts:
-                say(f"{self.name} died {quick_deaths} times within {self.stable_after:.0f} s of starting; giving up "
-                    f"(see the lines above), restart with `zk0 client start`")
+                log.warning(f"{self.name} died {quick_deaths} times within {self.stable_after:.0f} s of starting; "
+                            f"giving up (see the lines above), restart with `zk0 client start`")
                 return 1
-            say(f"{self.name} (PID {self.child.pid}) {describe_exit(code)} after {lived:.1f} s; restarting in "
+            log.warning(f"{self.name} (PID {self.child.pid}) {describe_exit(code)} after {lived:.1f} s; restarting in "
                 f"{backoff:g} s")
             self.stopping.wait(backoff)
             backoff = min(backoff * 2, self.max_backoff)
@@ -113,10 +116,6 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def say(line: str) -> None:
-    print(f"zk0.deploy.supervise: {line}", file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m zk0.deploy.supervise", description=__doc__.split("\n")[0])
     parser.add_argument("--parent-pid", type=int, help="stop when this process (the SuperNode) exits")
@@ -128,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="restart only on this exit code (repeat); other codes end the supervisor")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the child's command line")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # into the process's log file
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("give the child's command after --")
