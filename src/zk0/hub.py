@@ -14,11 +14,10 @@ import shutil
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from statistics import mean
 from typing import Protocol
 
 from zk0.config import RunConfig
-from zk0.tracking import read_metrics
+from zk0.tracking import read_metrics, round_summary
 
 CHECKPOINTS = "checkpoints"
 
@@ -61,24 +60,16 @@ def best_round(records: list[dict], rounds: list[int]) -> tuple[int, str]:
     Closed-loop success decides where it was measured at a checkpointed round (offline error
     does not predict it); otherwise the lowest held-out action MAE over the clients' evaluations.
     """
-    success = _per_round(records, lambda r: r.get("event") == "sim-eval", "success-rate", rounds)
+    summaries = {r: round_summary(records, r) for r in rounds}
+    success = {r: s["sim-success"] for r, s in summaries.items() if "sim-success" in s}
     if success:
         top = max(success, key=lambda r: (success[r], r))
         return top, f"best simulator success ({success[top]:.0%}) of the checkpointed rounds"
-    mae = _per_round(records, lambda r: r.get("source") == "client-eval", "eval-action-mae", rounds)
+    mae = {r: s["client-eval-mae"] for r, s in summaries.items() if "client-eval-mae" in s}
     if mae:
         top = min(mae, key=lambda r: (mae[r], -r))
         return top, f"lowest held-out action MAE ({mae[top]:.3g}) of the checkpointed rounds"
     return rounds[-1], "no held-out metric was recorded: the last checkpointed round"
-
-
-def _per_round(records: list[dict], keep, key: str, rounds: list[int]) -> dict[int, float]:
-    """Mean of ``key`` per round over the records ``keep`` selects, for the given rounds only."""
-    values: dict[int, list[float]] = {}
-    for record in records:
-        if record.get("round") in rounds and keep(record) and key in record:
-            values.setdefault(record["round"], []).append(record[key])
-    return {r: mean(v) for r, v in values.items()}
 
 
 def plan_push(run_dir: Path, repo_id: str, round_spec: str, private: bool) -> PushPlan:
@@ -117,10 +108,10 @@ def _check_repo_id(repo_id: str) -> None:
 def commit_message(run_dir: Path, records: list[dict], server_round: int) -> str:
     """``zk0: fedprox round 5/5, 4 clients (red-pick, ...), held-out loss 0.41, MAE 4.2``: what the commit holds."""
     config = json.loads((run_dir / "config.json").read_text())["run-config"]
-    evals = [r for r in records if r.get("round") == server_round and r.get("source") == "client-eval"]
+    summary = round_summary(records, server_round)
     trained = sorted({r["dataset"] for r in records if r.get("source") == "client" and "dataset" in r})
-    held_out = (f", held-out loss {mean(r['eval-loss'] for r in evals):.4g}, "
-                f"MAE {mean(r['eval-action-mae'] for r in evals):.4g}") if evals else ""
+    held_out = (f", held-out loss {summary['client-eval-loss']:.4g}, MAE {summary['client-eval-mae']:.4g}"
+                if "client-eval-mae" in summary else "")
     return (f"zk0: {config['strategy']} round {server_round}/{config['num-server-rounds']}, {len(trained)} clients "
             f"({', '.join(trained)}){held_out}")
 

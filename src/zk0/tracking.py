@@ -41,24 +41,7 @@ class Tracker:
 
     def round_summary(self, server_round: int) -> dict[str, float]:
         """Per-round view for progress lines and the final table (means over clients / datasets)."""
-        rows = [r for r in self.records if r["round"] == server_round]
-        out: dict[str, float] = {}
-        for source, key, name in (("client", "train-loss", "train-loss"),
-                                  ("client-eval", "eval-loss", "client-eval-loss"),
-                                  ("client-eval", "eval-action-mae", "client-eval-mae"),
-                                  ("server", "eval-loss", "server-eval-loss"),
-                                  ("server", "eval-action-mae", "server-eval-mae")):
-            values = [r[key] for r in rows if r["source"] == source and key in r]
-            if values:
-                out[name] = mean(values)
-        successes = [r["success-rate"] for r in rows if r.get("event") == "sim-eval"]
-        if successes:
-            out["sim-success"] = mean(successes)
-        for r in rows:
-            if r.get("event") == "round":
-                out.update({k: r[k] for k in ("bytes-down", "bytes-up", "seconds")})
-        out["rejected"] = sum(1 for r in rows if r.get("event") == "rejected-update")
-        return out
+        return round_summary(self.records, server_round)
 
     def close(self) -> None:
         """Finish the W&B run, if any."""
@@ -75,6 +58,29 @@ def _start_wandb(run_dir: Path, cfg: RunConfig):
         os.environ.setdefault("WANDB_MODE", "offline")
     return wandb.init(project=cfg.tracking.wandb_project, name=run_dir.name, dir=str(run_dir),
                       config=cfg.to_run_config())
+
+
+def round_summary(records: list[dict], server_round: int) -> dict[str, float]:
+    """One round of ``metrics.jsonl`` records as means over clients / datasets: losses, action MAE, sim success,
+    bytes and seconds, rejected updates (what progress lines, tables, reports and ``zk0 push`` show)."""
+    rows = [r for r in records if r["round"] == server_round]
+    out: dict[str, float] = {}
+    for source, key, name in (("client", "train-loss", "train-loss"),
+                              ("client-eval", "eval-loss", "client-eval-loss"),
+                              ("client-eval", "eval-action-mae", "client-eval-mae"),
+                              ("server", "eval-loss", "server-eval-loss"),
+                              ("server", "eval-action-mae", "server-eval-mae")):
+        values = [r[key] for r in rows if r.get("source") == source and key in r]
+        if values:
+            out[name] = mean(values)
+    successes = [r["success-rate"] for r in rows if r.get("event") == "sim-eval"]
+    if successes:
+        out["sim-success"] = mean(successes)
+    for r in rows:
+        if r.get("event") == "round":
+            out.update({k: r[k] for k in ("bytes-down", "bytes-up", "seconds") if k in r})
+    out["rejected"] = sum(1 for r in rows if r.get("event") == "rejected-update")
+    return out
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -13,17 +13,16 @@ import html
 import json
 import time
 from pathlib import Path
-from statistics import mean
 
 from zk0.audit import read_audit
-from zk0.tracking import read_metrics
+from zk0.tracking import read_metrics, round_summary
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:72rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
 th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:48%;margin:.5%}
 h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem}.muted{color:#777}"""
-METRICS = (("client-eval", "eval-loss", "held-out loss"), ("client-eval", "eval-action-mae", "held-out MAE (deg)"),
-           ("server", "eval-loss", "unseen loss"), ("server", "eval-action-mae", "unseen MAE (deg)"))
+METRICS = (("client-eval-loss", "held-out loss"), ("client-eval-mae", "held-out MAE (deg)"),
+           ("server-eval-loss", "unseen loss"), ("server-eval-mae", "unseen MAE (deg)"), ("sim-success", "sim success"))
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
@@ -67,24 +66,14 @@ def _header(run_dir: Path, config: dict, records: list[dict]) -> str:
             f"</span></p>")
 
 
-def _metric(records: list[dict], server_round: int, source: str, key: str) -> float | None:
-    values = [r[key] for r in records if r["round"] == server_round and r.get("source") == source and key in r
-              and r.get("event") != "sim-eval"]
-    return mean(values) if values else None
-
-
 def _summary(records: list[dict]) -> str:
     rounds = _rounds(records)
     if not rounds:
         return "<h2>Summary</h2><p>No round completed.</p>"
-    first, last = rounds[0], rounds[-1]
-    rows = [[label, _metric(records, first, source, key), _metric(records, last, source, key)]
-            for source, key, label in METRICS]
-    success = {r: [x["success-rate"] for x in records if x["round"] == r and x.get("event") == "sim-eval"]
-               for r in (first, last)}
-    rows.append(["sim success", *(mean(v) if v else None for v in success.values())])
-    return f"<h2>Summary: round {first} against round {last}</h2>" + _table(["metric", f"round {first}",
-                                                                              f"round {last}"], rows)
+    first, last = (round_summary(records, r) for r in (rounds[0], rounds[-1]))
+    rows = [[label, first.get(key), last.get(key)] for key, label in METRICS]
+    return f"<h2>Summary: round {rounds[0]} against round {rounds[-1]}</h2>" + _table(
+        ["metric", f"round {rounds[0]}", f"round {rounds[-1]}"], rows)
 
 
 def _participants(records: list[dict]) -> str:
