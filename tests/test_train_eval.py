@@ -11,11 +11,12 @@ from lerobot.policies.factory import make_pre_post_processors
 import synthetic
 
 from zk0 import data, tiny
+from zk0 import train as train_module
 from zk0.config import RunConfig
 from zk0.evaluate import evaluate_policy
 from zk0.policy import base_fingerprint, build_policy, trainable_state
 from zk0.registry import DatasetEntry
-from zk0.train import TrainResult, proximal_term, train_steps
+from zk0.train import TrainResult, add_proximal_grad, train_steps
 
 CHUNK, BATCH = 5, 4
 
@@ -63,25 +64,51 @@ def held_out(split, limit=2):
 # ---------------------------------------------------------------- proximal term
 
 
-def test_proximal_term_by_hand():
+def reference_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's penalty written as the paper does, for autograd: ``mu/2 * sum ||w - w_global||^2``."""
+    return 0.5 * mu * sum(((params[n] - anchor[n]) ** 2).sum() for n in params)
+
+
+def test_proximal_grad_matches_autograd_of_the_penalty():
     g = torch.Generator().manual_seed(0)
-    params = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
     anchor = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
-    expected = 0.0
-    for name in params:
-        for x, y in zip(params[name].flatten().tolist(), anchor[name].flatten().tolist()):
-            expected += (x - y) ** 2
+    fused = {n: torch.randn(t.shape, generator=g).requires_grad_() for n, t in anchor.items()}
+    autograd = {n: t.detach().clone().requires_grad_() for n, t in fused.items()}
+    loss_grads = {n: torch.randn(t.shape, generator=g) for n, t in anchor.items()}
+    for n in fused:  # the task loss's gradient is already there when the proximal one is added
+        fused[n].grad = loss_grads[n].clone()
     mu = 0.3
-    assert float(proximal_term(params, anchor, mu)) == pytest.approx(mu / 2 * expected, rel=1e-5)
-    assert float(proximal_term(params, params, mu)) == 0.0
-    assert float(proximal_term(params, anchor, 0.0)) == 0.0
+    penalty = add_proximal_grad(fused, anchor, mu)
+    reference = reference_penalty(autograd, anchor, mu)
+    reference.backward()
+    assert penalty == pytest.approx(float(reference), rel=1e-5)
+    for n in fused:
+        assert torch.allclose(fused[n].grad, loss_grads[n] + autograd[n].grad, atol=1e-6), n
 
 
-def test_proximal_term_gradient_pulls_to_anchor():
-    w = torch.tensor([1.0, -2.0], requires_grad=True)
-    anchor = {"w": torch.tensor([0.5, 0.0])}
-    proximal_term({"w": w}, anchor, 2.0).backward()
+def test_proximal_grad_by_hand_and_for_untouched_tensors():
+    w = torch.tensor([1.0, -2.0], requires_grad=True)  # no task-loss gradient: grad is None
+    penalty = add_proximal_grad({"w": w}, {"w": torch.tensor([0.5, 0.0])}, 2.0)
     assert torch.allclose(w.grad, torch.tensor([1.0, -4.0]))  # mu * (w - anchor)
+    assert penalty == pytest.approx(0.5 * 2.0 * (0.25 + 4.0))
+    at_anchor = torch.tensor([0.5, 0.0], requires_grad=True)
+    assert add_proximal_grad({"w": at_anchor}, {"w": torch.tensor([0.5, 0.0])}, 2.0) == 0.0
+
+
+def test_train_steps_with_fused_proximal_grad_match_autograd(split, processors, monkeypatch):
+    """A FedProx round with the fused gradient lands on the same weights as autograd through the penalty."""
+    fused = fresh_policy()
+    train(fused, processors, split, steps=3, lr=1e-2, mu=1.0, seed=5)
+
+    def autograd_prox(params, anchor, mu):
+        reference_penalty(params, anchor, mu).backward()
+        return 0.0
+
+    reference = fresh_policy()
+    monkeypatch.setattr(train_module, "add_proximal_grad", autograd_prox)
+    train(reference, processors, split, steps=3, lr=1e-2, mu=1.0, seed=5)
+    assert distance(snapshot(fused), snapshot(reference)) < 1e-5 * max(1.0, math.sqrt(
+        sum(float((t ** 2).sum()) for t in snapshot(reference).values())))
 
 
 # ---------------------------------------------------------------- train_steps
