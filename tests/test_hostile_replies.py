@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import numpy as np
 import pytest
 import torch
 from federation import final_master, run_federation
-from flwr.app import Message, MessageType
+from federation import request
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from zk0 import data, server_app, transport
+from zk0 import data, dataset_facts, server_app, transport
 from zk0.audit import read_audit
+from zk0.strategy import checked_query, judge
 from zk0.tracking import read_metrics
 
 SIZES = {data.STATE: 6, data.ACTION: 6}
@@ -50,6 +53,10 @@ CASES = {  # name: (alteration, what the one-line reason says)
                 "implausible norm-stats: action stats must be finite"),
     "min-above-max": (edit_stats(lambda f: f.update(min=[m + 1 for m in f["max"]])),
                       "implausible norm-stats: action needs min <= mean <= max"),
+    "robot-type-escape": (set_item("stats", "robot-type", "\x1b[2Jso101"),
+                          "implausible dataset facts: robot-type must be one printable line"),
+    "train-episodes-beyond-frames": (set_item("stats", "train-episodes", 10**9),
+                                     "implausible dataset facts: train-episodes must be a whole number in 1.."),
 }
 
 
@@ -151,3 +158,60 @@ def test_outliers_and_two_contributors_are_warned_about(monkeypatch):
     server_app.warn_about_stats([101, 102], [report(0.0, 10), report(100.0, 10)])
     assert "node 101" in logged[0] and "node 102" in logged[1] and "each can infer the other's" in logged[2]
     assert data.outliers([report(0.0, 10), report(0.5, 10), report(1.0, 10)]) == []
+
+
+def query_reply(facts: dict, frames: int = 10) -> Message:
+    """A query reply with plausible stats of ``frames`` frames and the dataset ``facts``."""
+    about = {"norm-stats": data.encode_stats(report(0.0, frames)), "partition-id": 0, "dataset": "red-pick", **facts}
+    return Message(RecordDict({"stats": ConfigRecord(about), "metrics": MetricRecord({"num-examples": frames})}),
+                   reply_to=request(101, MessageType.QUERY))
+
+
+def owner_strings(rng: random.Random, count: int) -> list[str]:
+    """Text an owner might have in a dataset: words, paths (cut where they stand apart: a hub id ``user/name`` is
+    no path), escapes, newlines, other scripts, very long lines."""
+    pieces = ["pick", "the red cube", "/home/alice/data/set", "C:\\Users\\bob\\ds", "~/robots", "\x1b[31m", "\x00",
+              "\n", "\t", "\u202e", "über", "机器人", "|", "<b>", "`", " " * 5, "x" * 200, "…"]
+    return [" ".join(rng.choice(pieces) for _ in range(rng.randint(0, 6))) for _ in range(count)]
+
+
+def test_what_an_honest_client_sends_about_any_dataset_is_accepted_and_bounded(server_identity):
+    rng = random.Random(0)
+    for _ in range(300):
+        tasks = owner_strings(rng, rng.randint(0, 12))
+        sent = dataset_facts.dataset_facts(owner_strings(rng, 1)[0] or None, 30, tasks, 8, 2)
+        verdict = judge(query_reply(sent), lambda reply: checked_query(reply, SIZES))
+        assert verdict.accepted, (sent, verdict.reason)
+        for text in [sent["robot-type"], *sent["tasks"]]:
+            assert text.isprintable() and len(text) <= dataset_facts.MAX_TEXT and dataset_facts.owner_text(text) == text
+            assert "/home" not in text and "alice" not in text and "\\Users" not in text, "no local path travels"
+        assert len(sent["tasks"]) <= dataset_facts.MAX_TASKS and sent["num-tasks"] >= len(sent["tasks"])
+
+
+HONEST = dataset_facts.dataset_facts("so101_follower", 30, ["pick the red cube"], 8, 2)
+HOSTILE_FACTS = {  # field: values no honest client sends
+    "robot-type": [7, None, ["so101"], "so101\x1b[0m", "line\nbreak", "x" * 121, "/home/alice/robot", "  padded "],
+    "tasks": ["pick", [1], ["ok"] * 9, [""], ["a\tb"], ["x" * 121], "not a list", [b"bytes"]],
+    "fps": [0, -30, 30.5, 1e9, True, "30", math.nan],
+    "num-tasks": [0, -1, 2**40, 1.5, False],
+    "train-episodes": [0, 11, -1, 8.0, None],
+    "held-out-episodes": [0, -2, 10**7, "2"],
+    "dataset": ["", "a\nb", "x" * 256, 5],
+}
+
+
+def test_every_malformed_dataset_fact_refuses_the_reply_in_one_line(server_identity):
+    assert judge(query_reply(HONEST), lambda reply: checked_query(reply, SIZES)).accepted
+    for field, values in HOSTILE_FACTS.items():
+        for value in values:
+            facts = dict(HONEST)
+            try:
+                reply = query_reply({**facts, field: value})
+            except (TypeError, ValueError):
+                continue  # a ConfigRecord cannot even carry it: no node can send it
+            verdict = judge(reply, lambda checked: checked_query(checked, SIZES))
+            assert not verdict.accepted, (field, value)
+            assert verdict.reason.startswith(("implausible dataset facts: ", "stats needs")), verdict.reason
+            assert field in verdict.reason and "\n" not in verdict.reason and len(verdict.reason) < 200
+    missing = query_reply({k: v for k, v in HONEST.items() if k != "tasks"})
+    assert judge(missing, lambda reply: checked_query(reply, SIZES)).reason == "malformed reply: KeyError: 'tasks'"

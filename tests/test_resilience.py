@@ -85,6 +85,10 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(run_config, t
     assert all(torch.equal(a[n], b[n]) for n in a)
     rounds = [r["round"] for r in read_metrics(crashed / "metrics.jsonl") if r.get("dataset") == "purple-place-center"]
     assert rounds == [0, 1, 2, 3]
+    facts = [r["event"] for r in read_metrics(crashed / "metrics.jsonl") if r.get("event") in ("federation",
+                                                                                                "client-dataset")]
+    assert facts == ["federation", "client-dataset", "client-dataset"], "the query phase's facts survive a resume"
+    assert "| red-pick | so101_follower | 30 |" in (crashed / "checkpoints" / "round_3" / "README.md").read_text()
     audit = read_audit(crashed)
     flower_runs = [int(i) for i in (crashed / "flower-runs.txt").read_text().split()]
     assert {(a["run-id"], a["attempt"]) for a in audit} == {(flower_runs[0], 1), (flower_runs[1], 2)}

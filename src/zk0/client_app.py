@@ -24,6 +24,7 @@ from zk0 import transport
 from zk0.config import RunConfig
 from zk0.data import (DatasetSplit, batches, decode_stats, describe_cameras, encode_stats, open_split,
                       train_loader, vector_stats)
+from zk0.dataset_facts import dataset_facts
 from zk0.evaluate import evaluate_dataset
 from zk0.logs import quiet_libraries
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_shapes, trainable_state
@@ -118,13 +119,20 @@ def about(rt: ClientRuntime) -> dict[str, int | str]:
     return {"partition-id": rt.partition_id, "dataset": rt.split.entry.name}
 
 
+def facts(split: DatasetSplit) -> dict[str, int | str | list[str]]:
+    """What the model card says about this dataset: robot, fps, tasks, episodes (owner text bounded, no paths)."""
+    meta = split.meta
+    tasks = [] if meta.tasks is None else [str(task) for task in meta.tasks.sort_values("task_index").index]
+    return dataset_facts(meta.robot_type, meta.fps, tasks, len(split.train_episodes), len(split.held_out_episodes))
+
+
 @app.query()
 @answers_errors
 def query(msg: Message, context: Context) -> Message:
-    """Report normalisation statistics of the training episodes (pooled by the server)."""
+    """Report normalisation statistics of the training episodes (pooled by the server) and the dataset's facts."""
     rt = runtime(context)
     stats = encode_stats(vector_stats(rt.split.train))
-    return Message(RecordDict({"stats": ConfigRecord({"norm-stats": stats, **about(rt)}),
+    return Message(RecordDict({"stats": ConfigRecord({"norm-stats": stats, **about(rt), **facts(rt.split)}),
                                "metrics": MetricRecord({"num-examples": len(rt.split.train)})}), reply_to=msg)
 
 

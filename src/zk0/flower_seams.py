@@ -25,6 +25,7 @@ from flwr.supercore.constant import SUPERNODE_DEFAULT_CLIENT_ADDRESS
 if TYPE_CHECKING:
     import argparse
 
+    from flwr.serverapp import Grid
     from flwr.supercore.fab import Fab
     from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supercore.retry import RetryInvoker
@@ -55,6 +56,15 @@ def weighted_metrics(records: list[RecordDict], weighting_key: str) -> MetricRec
     from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
     return aggregate_metricrecords(records, weighting_key)
+
+
+def deployed(grid: Grid) -> bool:
+    """Whether the ServerApp talks to a SuperLink (a deployment) rather than to the simulation runtime's in-memory
+    grid (``zk0 simulate``, ``flwr run`` on a simulation federation). Flower 1.42's Context carries no such flag;
+    the grid classes that tell them apart are private (``flwr.superlink.grid``)."""
+    from flwr.superlink.grid import HttpGrid
+
+    return isinstance(grid, HttpGrid)
 
 
 # Any process that creates messages

@@ -1,9 +1,11 @@
 """The model card (a checkpoint's README.md), written from the run folder's own records.
 
-What it says is what happened: the datasets that trained in each round (not the registry's list),
-the held-out and unseen metrics of this round against round 0, the policy's inputs and outputs,
-how the federation ran and was secured, and how to load the folder with LeRobot alone. The YAML
-header is built with huggingface_hub's ``ModelCardData``, so the Hub renders and indexes it.
+What it says is what happened: the datasets that trained in each round (not the registry's list)
+with the robot, fps, tasks and episode counts each client reported, whether the run was a
+simulation or a deployment, the held-out and unseen metrics of this round against round 0, the
+``zk0 compare`` table when one was made with this run, the policy's inputs and outputs, how the
+federation ran and was secured, and how to load the folder with LeRobot alone. The YAML header is
+built with huggingface_hub's ``ModelCardData``, so the Hub renders and indexes it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from zk0.tracking import read_metrics
 
+COMPARISON = "compare.json"  # written into each compared run folder by zk0 compare (zk0.tools.compare)
 TAGS = ["smolvla", "federated-learning", "flower", "lerobot", "zk0", "so101"]
 LOCAL_MODELS = ("tiny", "smolvla-size")  # built here from a local config: no hub base model
 USE_SNIPPET = """from pathlib import Path
@@ -48,10 +51,45 @@ def model_card(run_dir: Path, server_round: int, policy_config: Any) -> str:
     trained = _trained_per_round(records, server_round)
     kind = config.get("mode", run_config["strategy"])
     title = f"zk0 {kind} SmolVLA: round {server_round} of {run_config['num-server-rounds']}"
-    body = "\n\n".join([f"# {title}", _intro(config, kind, trained), _federation(trained, config),
-                        _results(records, server_round), _io(policy_config, run_config), _training(run_config, config),
-                        _use(), f"## Citation\n```bibtex\n{CITATION}\n```"])
+    sections = [f"# {title}", _intro(config, kind, trained), _federation(trained, config, records, kind),
+                _results(records, server_round), _comparison(run_dir), _io(policy_config, run_config),
+                _training(run_config, config), _use(), f"## Citation\n```bibtex\n{CITATION}\n```"]
+    body = "\n\n".join(section for section in sections if section)
     return f"---\n{_metadata(config, records, server_round, title).to_yaml()}\n---\n\n{body}\n"
+
+
+def refresh_cards(run_dir: Path) -> list[Path]:
+    """Write every checkpoint's card of the run again from its records (after ``zk0 compare`` added its table).
+
+    Each policy folder keeps its config, so its card's inputs and outputs come from there.
+    """
+    from zk0.checkpoint import load_config
+
+    written = []
+    for readme in sorted((run_dir / "checkpoints").glob("round_*/**/README.md")):
+        round_folder = next(p for p in readme.parents if p.name.startswith("round_"))
+        if (readme.parent / "config.json").is_file():
+            card = model_card(run_dir, int(round_folder.name.removeprefix("round_")), load_config(readme.parent))
+            readme.write_text(card)
+            written.append(readme)
+    return written
+
+
+def client_facts(records: list[dict]) -> dict[str, dict]:
+    """Each dataset's facts as its client reported them in the query phase (robot, fps, tasks, episodes)."""
+    return {r["dataset"]: r for r in records if r.get("event") == "client-dataset"}
+
+
+def federation(records: list[dict]) -> dict:
+    """How the federation ran, as the ServerApp recorded it: ``runtime`` (``simulation`` or ``deployment``), the
+    nodes connected and those that reported their dataset; empty for a baseline or a run from before zk0 kept it."""
+    return next((r for r in records if r.get("event") == "federation"), {})
+
+
+def read_comparison(run_dir: Path) -> dict | None:
+    """The table of the last ``zk0 compare`` that included this run, or None."""
+    path = run_dir / COMPARISON
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _metadata(config: dict, records: list[dict], server_round: int, title: str):
@@ -99,17 +137,70 @@ def _intro(config: dict, kind: str, trained: dict[int, list[str]]) -> str:
             f"trainable tensors, metrics and normalisation statistics travelled.")
 
 
-def _federation(trained: dict[int, list[str]], config: dict) -> str:
+def _federation(trained: dict[int, list[str]], config: dict, records: list[dict], kind: str) -> str:
     rows, previous = [], None
     for server_round, names in trained.items():
         if names != previous:  # one row per change of who trained
-            rows.append(f"| {server_round} | {len(names)} | {', '.join(names)} |")
+            rows.append(f"| {server_round} | {len(names)} | {', '.join(map(_md, names))} |")
             previous = names
     registry = config.get("datasets", {})
     evals = ", ".join(e["uri"] for e in registry.get("server-eval", [])) or "none"
-    return ("## Federation\nThe datasets whose updates were aggregated (a row where that changed):\n\n"
+    return ("## Federation\n" + _how_it_ran(records, kind)
+            + "\n\nThe datasets whose updates were aggregated (a row where that changed):\n\n"
             "| from round | clients | datasets |\n|---|---|---|\n" + "\n".join(rows or ["| — | 0 | — |"])
+            + "\n\n" + _datasets(trained, records)
             + f"\n\nRegistry profile `{registry.get('profile', '?')}`; server evaluation on unseen tasks: {evals}.")
+
+
+def _how_it_ran(records: list[dict], kind: str) -> str:
+    """Simulation or deployment, as the ServerApp's grid told it (a baseline ran on one machine)."""
+    if kind in ("centralized", "local"):
+        return "A baseline: trained on one machine with every client's training episodes at hand; no federation."
+    ran = federation(records)
+    if not ran:
+        return "Whether this run was a simulation or a deployment was not recorded."
+    counts = f"{ran['reported']} of the {ran['nodes']} connected nodes reported their dataset"
+    if ran["runtime"] == "deployment":
+        return (f"A deployment: a Flower SuperLink and one SuperNode per robot owner, next to that owner's data; "
+                f"{counts}.")
+    return (f"A simulation: Flower's simulation runtime ran every client on one machine, each with one registry "
+            f"dataset; {counts}.")
+
+
+def _datasets(trained: dict[int, list[str]], records: list[dict]) -> str:
+    """What each client that trained reported about its dataset; the data itself never left its owner."""
+    facts = client_facts(records)
+    if not facts:
+        return ("The datasets' robot type, fps, tasks and episode counts were not recorded: they come from the "
+                "clients' round-0 query replies, which a baseline does not have.")
+    rounds: dict[str, list[int]] = {}
+    for server_round, names in trained.items():
+        for name in names:
+            rounds.setdefault(name, []).append(server_round)
+    rows = []
+    for name, trained_in in sorted(rounds.items()):
+        fact = facts.get(name, {})
+        tasks = "; ".join(_md(task) for task in fact.get("tasks", [])) or "—"
+        if fact.get("num-tasks", 0) > len(fact.get("tasks", [])):
+            tasks += f" (and {fact['num-tasks'] - len(fact['tasks'])} more)"
+        rows.append(f"| {_md(name)} | {_md(fact.get('robot-type') or '—')} | {fact.get('fps', '—')} | {tasks} | "
+                    f"{fact.get('train-episodes', '—')} | {fact.get('held-out-episodes', '—')} | "
+                    f"{len(trained_in)} ({_span(trained_in)}) |")
+    return ("Each training client's dataset, as the client described it (the server never saw the data):\n\n"
+            "| dataset | robot type | fps | tasks | train episodes | held-out episodes | rounds trained |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def _span(rounds: list[int]) -> str:
+    """``1–5`` for consecutive rounds, else ``1, 3, 4``."""
+    if rounds == list(range(rounds[0], rounds[-1] + 1)):
+        return str(rounds[0]) if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]}"
+    return ", ".join(map(str, rounds))
+
+
+def _md(text: str) -> str:
+    """Owner text as a Markdown table cell: no column breaks, no HTML."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _results(records: list[dict], server_round: int) -> str:
@@ -127,6 +218,22 @@ def _results(records: list[dict], server_round: int) -> str:
             f"MAE, round 0 | MAE, round {server_round} |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + sim
             + "\n\nLoss history (mean over clients):\n\n| round | train loss | held-out loss |\n|---|---|---|\n"
             + history)
+
+
+def _comparison(run_dir: Path) -> str:
+    """The ``zk0 compare`` table that included this run (round 0 and each run's final round), when there is one."""
+    table = read_comparison(run_dir)
+    if not table:
+        return ""
+    head = ["run", "mode", "round", *(label for _, label in table["columns"]), "optimizer steps"]
+    rows = [f"| {'**this run**' if run['folder'] == run_dir.name else run['folder']} | {run['mode']} | {row['round']}"
+            f" | {' | '.join(_num(row.get(key)) for key, _ in table['columns'])} | "
+            f"{row.get('optimizer-steps') if row.get('optimizer-steps') is not None else '—'} |"
+            for run in table["runs"] for row in run["rows"]]
+    return (f"## Baseline comparison\n`zk0 compare` ({table['compared']}) set this run beside "
+            f"{len(table['runs']) - 1} other run(s) on the same evaluation: means over the clients' held-out "
+            f"episodes, the unseen-task sets and the simulator tasks, at round 0 and each run's final round.\n\n| "
+            + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join(rows))
 
 
 def _history(records: list[dict], last: int) -> str:

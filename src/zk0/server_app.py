@@ -22,7 +22,7 @@ from zk0.checkpoint import RunFolder, ServerState, save_checkpoint
 from zk0.config import RunConfig
 from zk0.data import decode_stats, feature_sizes, open_full, outliers, pool_reports
 from zk0.evaluate import evaluate_dataset
-from zk0.flower_seams import set_reply_sender
+from zk0.flower_seams import deployed, set_reply_sender
 from zk0.hub import push_at_end
 from zk0.logs import quiet_libraries, run_log
 from zk0.model_card import model_card
@@ -30,7 +30,7 @@ from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable
 from zk0.registry import Registry, load_registry
 from zk0.report import summary_table
 from zk0.rounds import Event, RoundEnd, RoundState, report
-from zk0.strategy import RoundFailed, SmolVLAStrategy, checked_query, judge, passed, sender
+from zk0.strategy import RoundFailed, QueryReport, SmolVLAStrategy, Verdict, checked_query, judge, passed, sender
 from zk0.tracking import Tracker, write_charts
 
 app = ServerApp()
@@ -199,8 +199,25 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog, sizes: dict[s
     if len(reported) < needed:
         raise RoundFailed(f"{len(reported)} of {len(nodes)} clients reported plausible dataset stats; need {needed}")
     reported.sort(key=lambda verdict: sender(verdict.reply, "stats"))  # fixed pooling order: same stats, same bits
-    warn_about_stats([verdict.reply.metadata.src_node_id for verdict in reported], [v.value for v in reported])
-    return pool_reports([verdict.value for verdict in reported])
+    warn_about_stats([verdict.reply.metadata.src_node_id for verdict in reported], [v.value.stats for v in reported])
+    record_federation(grid, len(nodes), reported, on_event)
+    return pool_reports([verdict.value.stats for verdict in reported])
+
+
+def record_federation(grid: Grid, connected: int, reported: list[Verdict[QueryReport]], on_event: Event) -> None:
+    """Record what the model card and report say about the federation: how it ran and each client's dataset.
+
+    The server never sees the data, so the facts are the ones each client's checked query reply
+    gave. They go to round 0 of ``metrics.jsonl``, which a resumed run keeps: its query phase
+    does not run again.
+    """
+    on_event({"round": 0, "source": "server", "event": "federation", "nodes": connected, "reported": len(reported),
+              "runtime": "deployment" if deployed(grid) else "simulation"})
+    for verdict in reported:
+        about = verdict.reply.content["stats"]
+        on_event({**verdict.value.facts, "round": 0, "source": "server", "event": "client-dataset",
+                  "node": verdict.reply.metadata.src_node_id, "partition": int(about["partition-id"]),
+                  "dataset": str(about["dataset"])})
 
 
 def warn_about_stats(nodes: list[int], reports: list[dict]) -> None:

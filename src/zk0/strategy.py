@@ -15,7 +15,7 @@ Extends Flower's ``FedAvg`` where the earlier design fell short:
 * nothing a node sends is trusted: a reply with a missing or malformed field, or a
   ``num-examples`` weight that is not a whole number of frames its steps could have used,
   is refused the same way, as is a reply for another round (a replay), and every reason is
-  one short line; the query phase's dataset statistics are checked as strictly
+  one short line; the query phase's dataset statistics and facts are checked as strictly
   (:func:`checked_query`).
 
 As Flower's strategies do, replies are verified first and aggregated over what passed; here
@@ -30,6 +30,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -39,6 +40,7 @@ from flwr.serverapp.strategy import FedAvg
 from zk0 import transport
 from zk0.config import RunConfig
 from zk0.data import parse_stats
+from zk0.dataset_facts import FactsError, checked_facts
 from zk0.flower_seams import weighted_metrics
 from zk0.reasons import error_reason, one_line
 
@@ -187,18 +189,29 @@ def checked_reply(reply: Message, max_examples: int, server_round: int) -> int:
     return num_examples(metrics, max_examples)
 
 
-def checked_query(reply: Message, sizes: dict[str, int]) -> dict[str, dict]:
-    """A query reply's training-episode stats, once plausible for the frames it claims (:func:`parse_stats`).
+class QueryReport(NamedTuple):
+    """A checked query reply: training-episode stats (pooled) and dataset facts (for the model card)."""
 
-    Its ``num-examples`` bounds the stats' count; the server cannot know a node's dataset size, so
-    that claim is only bounded by ``MAX_NODE_FRAMES``, and pooling caps its weight further.
+    stats: dict[str, dict]
+    facts: dict[str, int | str | list[str]]
+
+
+def checked_query(reply: Message, sizes: dict[str, int]) -> QueryReport:
+    """A query reply's training-episode stats, once plausible for the frames it claims (:func:`parse_stats`),
+    and its dataset facts, once of the form an honest client sends (:func:`zk0.dataset_facts.checked_facts`).
+
+    Its ``num-examples`` bounds the stats' count and the training episodes; the server cannot know a
+    node's dataset size, so that claim is only bounded by ``MAX_NODE_FRAMES``, and pooling caps its
+    weight further.
     """
     about = _about(reply, "stats")
     frames = num_examples(reply.content.metric_records["metrics"], MAX_NODE_FRAMES)
     if not isinstance(about["norm-stats"], str):
         raise transport.PayloadError("norm-stats must be a JSON string")
     try:
-        return parse_stats(about["norm-stats"], frames, sizes)
+        return QueryReport(parse_stats(about["norm-stats"], frames, sizes), checked_facts(about, frames))
+    except FactsError as err:
+        raise transport.PayloadError(f"implausible dataset facts: {err}") from None
     except ValueError as err:
         raise transport.PayloadError(f"implausible norm-stats: {err}") from None
 

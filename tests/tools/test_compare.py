@@ -50,3 +50,26 @@ def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path):
             compare([folder], tmp_path / "chart.png")
         assert "\n" not in str(err.value)
     assert not (tmp_path / "chart.png").exists()
+
+
+def test_each_compared_run_keeps_the_table_and_its_cards_show_it(runs, tmp_path):
+    from huggingface_hub.repocard import metadata_load
+
+    from zk0.model_card import read_comparison
+
+    fedprox, centralized = runs["fedprox"], runs["centralized"]
+    lines = compare([fedprox, centralized], tmp_path / "chart.png")
+    table = read_comparison(fedprox)
+    assert table == read_comparison(centralized) and [r["folder"] for r in table["runs"]] == [fedprox.name,
+                                                                                               centralized.name]
+    printed = {tuple(cell.strip() for cell in line.strip("│ ").split("│")[:3]) for line in lines if "│" in line}
+    assert {(r["folder"], r["mode"], str(row["round"])) for r in table["runs"] for row in r["rows"]} <= printed
+    readme = fedprox / "checkpoints" / "round_2" / "README.md"
+    card = readme.read_text()
+    final = table["runs"][1]["rows"][-1]
+    assert "## Baseline comparison" in card and "| **this run** | fedprox | 2 |" in card
+    assert (f"| {centralized.name} | centralized | 2 | {final['held-out-loss']:.6g} | {final['held-out-mae']:.6g} |"
+            in card)
+    assert metadata_load(readme)["library_name"] == "lerobot"
+    baseline = (centralized / "checkpoints" / "round_2" / "README.md").read_text()
+    assert f"| {fedprox.name} | fedprox | 2 |" in baseline and "| **this run** | centralized | 2 |" in baseline

@@ -4,12 +4,14 @@ Every run folder written by the ServerApp or :mod:`zk0.tools.baseline` has the s
 ``config.json`` and ``metrics.jsonl`` record shapes, so one reader serves all. Each run is
 labelled by its baseline ``mode`` or, for a federated run, its ``strategy``. The table shows
 round 0 (the untrained policy, which every run evaluates with the same seeds) and the final
-round; the chart shows every evaluated round.
+round; the chart shows every evaluated round. Each compared run folder keeps the table
+(``compare.json``), so its model cards and ``zk0 report`` show the comparison.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,26 +96,51 @@ def load_run(folder: Path) -> Run:
 
 
 def compare(run_dirs: list[Path], chart: Path) -> list[str]:
-    """Round 0 and final-round metrics of every run as table lines; one PNG chart written to ``chart``."""
+    """Round 0 and final-round metrics of every run as table lines; one PNG chart written to ``chart``.
+
+    The table also goes, as ``compare.json``, into every compared run folder, and each of their
+    checkpoints' model cards is written again with it (:func:`zk0.model_card.refresh_cards`).
+    """
     if not run_dirs:
         raise CompareError("give at least one run folder to compare")
     runs = [load_run(d) for d in run_dirs]
     write_chart(runs, chart)
-    return table(runs)
+    data = comparison(runs)
+    record_in_runs(runs, data)
+    return table(data)
 
 
-def table(runs: list[Run]) -> list[str]:
-    """Two rows per run (round 0 and its final round), rendered with rich as in the run summary."""
+def comparison(runs: list[Run]) -> dict:
+    """The compared columns (simulator success only where a run measured it) and, per run, round 0 and its
+    final round: what the table shows and ``compare.json`` holds."""
     series = [run.series() for run in runs]
     columns = [(k, label) for k, label in COLUMNS if k not in SIM or any(k in s for s in series)]
+    return {"compared": time.strftime("%Y-%m-%d %H:%M"), "columns": columns,
+            "runs": [{"folder": run.folder.name, "mode": run.label,
+                      "rows": [{"round": r, **{k: values.get(k, {}).get(r) for k, _ in columns},
+                                "optimizer-steps": run.optimizer_steps(r)} for r in sorted({0, run.last_round})]}
+                     for run, values in zip(runs, series)]}
+
+
+def record_in_runs(runs: list[Run], data: dict) -> None:
+    """``compare.json`` in every compared run folder, and their checkpoints' cards written again to show it."""
+    from zk0.model_card import COMPARISON, refresh_cards
+
+    for run in runs:
+        (run.folder / COMPARISON).write_text(json.dumps(data, indent=2) + "\n")
+        refresh_cards(run.folder)
+
+
+def table(data: dict) -> list[str]:
+    """Two rows per run (round 0 and its final round), rendered with rich as in the run summary."""
     out = Table(title="zk0 comparison (means over client held-out sets / unseen sets / simulator tasks)")
-    for header in ("run", "mode", "round", *(label for _, label in columns), "optimizer steps"):
+    for header in ("run", "mode", "round", *(label for _, label in data["columns"]), "optimizer steps"):
         out.add_column(header, justify="left" if header in ("run", "mode") else "right")
-    for run, values in zip(runs, series):
-        for server_round in sorted({0, run.last_round}):
-            cells = [_cell(values.get(k, {}).get(server_round)) for k, _ in columns]
-            steps = run.optimizer_steps(server_round)
-            out.add_row(run.folder.name, run.label, str(server_round), *cells, "–" if steps is None else str(steps))
+    for run in data["runs"]:
+        for row in run["rows"]:
+            steps = row["optimizer-steps"]
+            out.add_row(run["folder"], run["mode"], str(row["round"]), *(_cell(row[k]) for k, _ in data["columns"]),
+                        "–" if steps is None else str(steps))
         out.add_section()
     return table_lines(out, width=200)
 
