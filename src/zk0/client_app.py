@@ -11,7 +11,7 @@ import hashlib
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from logging import ERROR, INFO
+from logging import DEBUG, ERROR, INFO
 from typing import Any
 
 import torch
@@ -79,13 +79,22 @@ def runtime(context: Context) -> ClientRuntime:
         partition_id, entry = dataset_entry(cfg, context)
         policy = build_policy(cfg)
         split = open_split(entry, policy.config, cfg.data.held_out_fraction, cfg.data.split_seed)
-        log(INFO, "zk0 client %s: cameras %s", split.entry.name, describe_cameras(split.entry.cameras, split.meta,
-                                                                                   policy.config))
+        log(camera_log_level(context, split, policy.config), "zk0 client %s: cameras %s", split.entry.name,
+            describe_cameras(split.entry.cameras, split.meta, policy.config))
         wire = transport.Wire("client", base_fingerprint(policy), cfg.transport.transport_dtype,
                               trainable_shapes(policy))
         _RUNTIMES[key] = ClientRuntime(cfg, partition_id, policy, split, wire,
                                        train_loader(split.train, cfg.train.batch_size, cfg.train.num_workers))
     return _RUNTIMES[key]
+
+
+def camera_log_level(context: Context, split: DatasetSplit, policy_cfg: Any) -> int:
+    """INFO where the camera mapping tells someone something: on a deployment node (its owner checks it) or when
+    a camera is renamed or a policy camera left empty; DEBUG for a simulated client fed camera for camera."""
+    fed = {split.entry.cameras.get(cam, cam) for cam in split.meta.camera_keys}
+    renamed = any(src != dst for src, dst in split.entry.cameras.items())
+    plain = not renamed and set(policy_cfg.image_features) <= fed
+    return DEBUG if plain and "dataset" not in context.node_config else INFO
 
 
 def answers_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:

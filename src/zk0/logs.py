@@ -5,6 +5,10 @@ The run's file gets every line at ``[tool.zk0.logging] level`` (package pyprojec
 INFO), without terminal colour codes. Libraries that print or log for themselves (FFmpeg's muxer,
 LeRobot's "Reducing the number of VLM layers", Ray's FutureWarning) are kept off the console:
 their words go to the log at DEBUG, or nowhere when they say nothing a user can act on.
+
+Flower's console handler colours every line, terminal or not, and has no switch for it; the
+processes a deployment starts write through ``python -m zk0.logs`` (:func:`copy_plain`), so their
+log files hold text without those codes too.
 """
 
 from __future__ import annotations
@@ -12,14 +16,19 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
+import sys
 import tomllib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 LOGGER = "flwr"  # Flower's logger, which zk0 uses too
 RUN_LOG = "zk0.log"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # a terminal control sequence (colours, cursor moves)
+ANSI_BYTES = re.compile(ANSI.pattern.encode())
 
 
 class LoggingError(ValueError):
@@ -37,13 +46,20 @@ def run_log_level() -> int:
     return getattr(logging, level)
 
 
+class PlainFormatter(logging.Formatter):
+    """Log lines without terminal control sequences: a file is read in editors, pagers and browsers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return ANSI.sub("", super().format(record))
+
+
 @contextlib.contextmanager
 def run_log(run_dir: Path) -> Iterator[Path]:
     """Copy every line of Flower's logger into ``run_dir/zk0.log`` (appended: a resumed run continues it)."""
     path = run_dir / RUN_LOG
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(run_log_level())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger(LOGGER)
     logger.addHandler(handler)
     try:
@@ -96,3 +112,15 @@ def quiet_libraries() -> None:
 def quiet_simulation_runtime() -> None:
     """Ray's FutureWarnings (about its own APIs, nothing a zk0 user can change) stay off the console."""
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray(\.|$)")
+
+
+def copy_plain(source: BinaryIO, sink: BinaryIO) -> None:
+    """Copy ``source`` to ``sink`` line by line without terminal control sequences, each line as it comes
+    (a log file someone follows); ends when every writer of ``source`` has closed it."""
+    for line in iter(source.readline, b""):
+        sink.write(ANSI_BYTES.sub(b"", line))
+        sink.flush()
+
+
+if __name__ == "__main__":  # a deployment process's output on stdin, its log file on stdout
+    copy_plain(sys.stdin.buffer, sys.stdout.buffer)

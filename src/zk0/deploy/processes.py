@@ -2,7 +2,8 @@
 
 Every process runs in its own session with umask 077 (what it writes is the owner's alone); its
 PID, program and start time go to ``pids/<name>.pid`` and its output to ``logs/<name>.log``
-(appended across restarts; each launch records where its lines start). ``stop`` signals the whole
+(appended across restarts; each launch records where its lines start), through ``python -m
+zk0.logs``, which drops the colour codes Flower writes even into files. ``stop`` signals the whole
 process group after checking the PID is still that very process (same start time, same program).
 """
 
@@ -14,6 +15,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,11 +33,15 @@ def start(folder: Path, name: str, cmd: list[str], env: dict[str, str]) -> int:
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     log_path = folder / "logs" / f"{name}.log"
     offset = log_path.stat().st_size if log_path.exists() else 0  # this launch's lines start here
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
+    with log_path.open("ab") as log:  # the writer ends when the process and every child it left have closed the pipe
+        writer = subprocess.Popen([sys.executable, "-m", "zk0.logs"], stdin=subprocess.PIPE, stdout=log,
+                                  stderr=log, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, cwd=folder, stdout=writer.stdin, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
+        writer.stdin.close()
     program = cmd[2] if len(cmd) > 2 and cmd[1] == "-m" else Path(cmd[0]).name  # python -m zk0.deploy.resident
-    record = {"pid": proc.pid, "program": program, "started": _start_time(proc.pid), "log-offset": offset}
+    record = {"pid": proc.pid, "program": program, "started": _start_time(proc.pid), "log-offset": offset,
+              "log-writer": writer.pid}
     (folder / "pids" / f"{name}.pid").write_text(json.dumps(record) + "\n")
     deadline = time.monotonic() + 10
     while running_pid(folder, name) is None and proc.poll() is None and time.monotonic() < deadline:
@@ -149,6 +155,9 @@ def accepts(host: str, port: int, timeout: float = 5.0) -> bool:
 
 def exited_error(folder: Path, name: str) -> DeployError:
     """The error for a process that exited: the reasons its log gives (Flower's own error lines)."""
+    writer, deadline = (_record(folder, name) or {}).get("log-writer"), time.monotonic() + 2
+    while writer and alive(writer) and time.monotonic() < deadline:
+        time.sleep(0.02)  # its last lines may still be on their way into the file
     lines = launch_log(folder, name).splitlines()
     reasons = [line for line in lines if re.search(r"ERROR|Error|Failed|SSL|code: ", line)] or lines[-10:]
     log = folder / "logs" / f"{name}.log"
