@@ -71,12 +71,9 @@ def test_deployment_logs_lose_flowers_colour_codes_and_keep_every_line(tmp_path)
 
 def wait_exited(processes, folder, name: str):
     """The process's exit error, once it has exited (it runs a second or two)."""
-    import time
+    from waits import wait_for
 
-    deadline = time.monotonic() + 120
-    while processes.running_pid(folder, name) is not None:
-        assert time.monotonic() < deadline, f"{name} never exited"
-        time.sleep(0.1)
+    wait_for(lambda: processes.running_pid(folder, name) is None, f"{name} to exit")
     return processes.exited_error(folder, name)
 
 
@@ -99,3 +96,14 @@ def test_a_simulated_client_fed_camera_for_camera_keeps_its_mapping_off_the_cons
         client_app.runtime(grid.contexts[101])
     (line,) = [r for r in caplog.records if ": cameras " in r.getMessage()]
     assert line.levelno == logging.DEBUG and "observation.images.front -> observation.images.front" in line.getMessage()
+
+
+def test_datasets_progress_bars_stay_off_after_lerobot_reads_metadata():
+    """LeRobot switches them back on after every read, so recording the demo's datasets printed a bar per episode."""
+    import datasets
+    from lerobot.utils.utils import SuppressProgressBars
+
+    logs.quiet_libraries()
+    with SuppressProgressBars():
+        pass
+    assert not datasets.is_progress_bar_enabled()

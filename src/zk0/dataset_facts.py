@@ -40,8 +40,8 @@ def dataset_facts(robot_type: str | None, fps: int, tasks: list[str], train_epis
                   held_out_episodes: int) -> dict[str, int | str | list[str]]:
     """The facts a client's query reply carries, in the form :func:`checked_facts` accepts."""
     sent = [text for text in (owner_text(task) for task in tasks) if text][:MAX_TASKS]
-    return {"robot-type": owner_text(robot_type), "fps": int(fps), "tasks": sent, "num-tasks": max(len(tasks),
-            len(sent)), "train-episodes": int(train_episodes), "held-out-episodes": int(held_out_episodes)}
+    return {"robot-type": owner_text(robot_type), "fps": int(fps), "tasks": sent, "num-tasks": len(tasks),
+            "train-episodes": int(train_episodes), "held-out-episodes": int(held_out_episodes)}
 
 
 def checked_facts(record: Mapping[str, object], frames: int) -> dict[str, int | str | list[str]]:
@@ -60,20 +60,17 @@ def checked_facts(record: Mapping[str, object], frames: int) -> dict[str, int | 
     if not (isinstance(tasks, list) and len(tasks) <= MAX_TASKS and all(map(_owner_line, tasks)) and all(tasks)):
         raise FactsError(f"tasks must be at most {MAX_TASKS} non-empty printable lines of at most {MAX_TEXT} "
                          "characters without paths")
-    _count(facts, "fps", 1, MAX_FPS)
-    _count(facts, "num-tasks", len(tasks), MAX_COUNT)
-    _count(facts, "train-episodes", 1, min(frames, MAX_COUNT))
-    _count(facts, "held-out-episodes", 1, MAX_COUNT)
-    return {key: (list(value) if isinstance(value, list) else value) for key, value in facts.items()}
+    for key, low, high in (("fps", 1, MAX_FPS), ("num-tasks", len(tasks), MAX_COUNT),
+                           ("train-episodes", 1, min(frames, MAX_COUNT)), ("held-out-episodes", 1, MAX_COUNT)):
+        _check_count(key, facts[key], low, high)
+    return facts
 
 
 def _owner_line(value: object) -> bool:
     return isinstance(value, str) and owner_text(value) == value
 
 
-def _count(facts: dict, key: str, low: int, high: int) -> None:
-    """``facts[key]`` as an int in ``low..high`` (a bool, float or anything else is refused)."""
-    value = facts[key]
+def _check_count(key: str, value: object, low: int, high: int) -> None:
+    """``value`` must be an int in ``low..high``: a bool, a float or anything else is no count."""
     if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
         raise FactsError(f"{key} must be a whole number in {low}..{high}, got {one_line(repr(value), 40)}")
-    facts[key] = int(value)

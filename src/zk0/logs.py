@@ -100,12 +100,19 @@ def ffmpeg_quiet() -> Iterator[None]:
 
 
 def quiet_libraries() -> None:
-    """Progress bars of Hugging Face ``datasets`` (one per dataset opened) and FFmpeg's encoder statistics stay
-    off the console of every zk0 process; FFmpeg errors still show."""
+    """Progress bars of Hugging Face ``datasets`` (one per dataset opened or episode recorded) and FFmpeg's encoder
+    statistics stay off the console of every zk0 process; FFmpeg errors still show.
+
+    LeRobot turns the progress bars back on after each metadata read, whatever they were before
+    (``lerobot.utils.utils.SuppressProgressBars`` calls ``datasets.utils.logging.enable_progress_bar`` on
+    exit), so in zk0's processes that switch keeps them off.
+    """
     import av.logging
     import datasets
+    import datasets.utils.logging
 
     datasets.disable_progress_bars()
+    datasets.utils.logging.enable_progress_bar = datasets.disable_progress_bars
     av.logging.set_libav_level(av.logging.ERROR)
 
 
