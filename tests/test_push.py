@@ -50,6 +50,7 @@ class FakeHfApi:
     def upload_folder(self, *, repo_id, folder_path, commit_message):
         files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
         self.calls.append(("upload_folder", repo_id, files, commit_message))
+        self.card = (Path(folder_path) / "README.md").read_text()
 
     def create_tag(self, repo_id, *, tag, tag_message, exist_ok):
         self.calls.append(("create_tag", repo_id, tag))
@@ -73,6 +74,8 @@ def test_a_push_uploads_the_checkpoint_once_and_tags_round_and_version(tmp_path,
     kind, repo, files, message = api.calls[1]
     assert (kind, repo, files) == ("upload_folder", "alice/so101-fl", ["README.md", "config.json", "model.safetensors"])
     assert message == "zk0: fedprox round 4/4, 2 clients (blue-pick-small, red-pick), held-out loss 0.5, MAE 5"
+    assert api.card.endswith("## This upload\n\nRound 4 of the run: the round asked for.\n")
+    assert "This upload" not in (plan.folder / "README.md").read_text()  # the run folder's card is left as it was
     assert [c[2] for c in api.calls[2:]] == ["fl-round-4", "zk0-v0.1.0"]
 
 
@@ -108,6 +111,7 @@ def test_the_cli_hands_the_token_to_huggingface_hub_only(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["push", str(run), "--repo-id", "alice/so101-fl", "--round", "best"])
     assert result.exit_code == 0, result.output
     assert FakeHfApi.last.token == TOKEN and "pushed round 2" in result.stdout
+    assert "Round 2 of the run: lowest held-out action MAE" in FakeHfApi.last.card  # the card says why this round
     assert TOKEN not in result.output
     assert not [p for p in run.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
 
@@ -118,6 +122,7 @@ def test_dry_run_writes_exactly_what_would_be_uploaded(tmp_path):
     assert result.exit_code == 0, result.output
     out = run / "push-4"
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert (out / "README.md").read_text().endswith("Round 4 of the run: the last checkpointed round.\n")
     assert "would upload to alice/x (private), tags fl-round-4, zk0-v0.1.0" in result.stdout
     again = CliRunner().invoke(app, ["push", str(run), "--repo-id", "alice/x", "--dry-run"])
     assert again.exit_code == 1 and "exists" in again.stderr

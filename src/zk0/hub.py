@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -129,22 +130,39 @@ def hub_token(workdir: Path) -> str | None:
     return get_token()
 
 
+def stage(plan: PushPlan, out: Path) -> list[Path]:
+    """Write what is uploaded into ``out``: the checkpoint folder, its card saying which round this is and why.
+
+    The card was written when the round was checkpointed; which round a push picks (``--round best``
+    weighs every checkpointed round) is only known now, so it is added to the uploaded copy.
+    """
+    shutil.copytree(plan.folder, out)
+    card = out / "README.md"
+    if card.is_file():
+        card.write_text(card.read_text().rstrip("\n") + f"\n\n## This upload\n\nRound {plan.server_round} of the "
+                        f"run: {plan.chosen_because}.\n")
+    return sorted(path.relative_to(out) for path in out.rglob("*") if path.is_file())
+
+
 def dry_run(plan: PushPlan, out: Path) -> list[Path]:
     """Write exactly what :func:`push` would upload into ``out``; the files, relative to it."""
     if out.exists():
         raise PushError(f"{out} exists; remove it or give another --dry-run folder")
-    shutil.copytree(plan.folder, out)
-    return sorted(path.relative_to(out) for path in out.rglob("*") if path.is_file())
+    return stage(plan, out)
 
 
 def push(plan: PushPlan, api: HubApi) -> None:
-    """Create the repo (or reuse it), upload the checkpoint folder in one commit, tag the round and zk0's version."""
+    """Create the repo (or reuse it), upload the staged checkpoint folder in one commit, tag the round and zk0's
+    version."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise PushError("HF_HUB_OFFLINE is set: the Hub is not reachable from here; unset it on a machine online, "
                         "or use --dry-run")
     try:
-        api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)
-        api.upload_folder(repo_id=plan.repo_id, folder_path=plan.folder, commit_message=plan.commit_message)
+        with tempfile.TemporaryDirectory(prefix="zk0-push-") as staging:
+            stage(plan, Path(staging) / "upload")
+            api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)
+            api.upload_folder(repo_id=plan.repo_id, folder_path=Path(staging) / "upload",
+                              commit_message=plan.commit_message)
         for tag in plan.tags:
             api.create_tag(plan.repo_id, tag=tag, tag_message=plan.commit_message, exist_ok=True)
     except Exception as err:  # noqa: BLE001 - network, auth and Hub errors all end the push with one line
