@@ -1,5 +1,9 @@
 """What the ``zk0`` commands share: one way to fail, run-config overrides, and the checks made in seconds
-(before torch, Ray or a SuperLink) that a run can start."""
+(before torch, Ray or a SuperLink) that a run can start.
+
+Nothing here imports torch, LeRobot or Flower at module level: bad input must be refused before
+the training stack loads (about ten seconds; minutes on a loaded machine).
+"""
 
 from __future__ import annotations
 
@@ -44,21 +48,39 @@ def settle_config(overrides: dict, resume: Path | None) -> tuple[dict, RunConfig
     run-independent keys may change). A relative ``registry`` path is made absolute, since the
     apps that read it do not run in this folder.
     """
-    from flwr.common.config import get_fused_config_from_dir
-
-    from zk0.registry import default_pyproject
-
     overrides = dict(overrides)
     try:
         if resume is not None:
             overrides = resume_overrides(resume, overrides)
         if isinstance(overrides.get("registry"), str) and overrides["registry"]:
             overrides["registry"] = str(Path(overrides["registry"]).expanduser().resolve())
-        defaults = get_fused_config_from_dir(default_pyproject().parent, {})
-        cfg = RunConfig.from_run_config(defaults | overrides)
+        cfg = RunConfig.from_run_config(app_defaults() | overrides)
     except ConfigError as err:
         fail(err)
+    if cfg.tracking.resume_from and not Path(cfg.tracking.resume_from).expanduser().is_dir():
+        fail(f"run-config resume-from={cfg.tracking.resume_from!r}: no such folder; pass a run folder made by zk0")
     return overrides, cfg
+
+
+def app_defaults() -> dict:
+    """The app's ``[tool.flwr.app.config]``, flattened as Flower's ``get_fused_config_from_dir`` flattens it.
+
+    Read here because Flower's reader imports Flower's server and simulation packages: half a
+    second before a misspelt key could be named.
+    """
+    from zk0.registry import default_pyproject
+
+    with default_pyproject().open("rb") as f:
+        return _flatten(tomllib.load(f)["tool"]["flwr"]["app"].get("config", {}))
+
+
+def _flatten(table: dict, prefix: str = "") -> dict:
+    """Nested tables as dotted keys (``a.b = 1``), as Flower flattens run configs."""
+    flat = {}
+    for key, value in table.items():
+        name = f"{prefix}.{key}" if prefix else key
+        flat.update(_flatten(value, name) if isinstance(value, dict) else {name: value})
+    return flat
 
 
 def check_setup(cfg: RunConfig, clients: int | None) -> None:
@@ -72,9 +94,6 @@ def check_setup(cfg: RunConfig, clients: int | None) -> None:
 
     try:
         registry = load_registry(cfg.data.datasets, cfg.data.registry)
-        if clients is not None and clients > len(registry.clients):
-            raise RegistryError(f"--num-clients {clients} exceeds the {len(registry.clients)} clients of profile "
-                                f"{cfg.data.datasets!r}")
     except RegistryError as err:
         fail(err)
     from zk0.checkpoint import ResumeError, RunFolder
@@ -107,11 +126,40 @@ def require_cuda(cfg: RunConfig, clients_here: bool) -> None:
             fail(ConfigError(f"run-config {key}='cuda' but no CUDA GPU is visible here; use 'auto' or 'cpu'"))
 
 
-def registry_clients(cfg: RunConfig) -> int:
-    """How many clients the run config's registry profile lists."""
+def registry_clients(cfg: RunConfig, requested: int | None = None) -> int:
+    """How many of the registry profile's clients run here: ``requested`` (``--num-clients``), or all of them."""
     from zk0.registry import RegistryError, load_registry
 
     try:
-        return len(load_registry(cfg.data.datasets, cfg.data.registry).clients)
+        available = len(load_registry(cfg.data.datasets, cfg.data.registry).clients)
     except RegistryError as err:
         fail(err)
+    if requested and requested > available:
+        fail(f"--num-clients {requested} exceeds the {available} clients of profile {cfg.data.datasets!r}")
+    return requested or available
+
+
+def require_dataset_found(uri: str, option: str = "dataset") -> None:
+    """Fail in one line when ``uri`` names nothing that exists here, before LeRobot loads to open it.
+
+    Checks only what needs no library: the scheme, a local folder's ``meta/info.json`` and a
+    simulator task's name. Hub datasets, schemas and frames are checked where they are opened.
+    """
+    from zk0.registry import SCHEMES, DatasetEntry
+
+    entry = DatasetEntry(uri=uri)
+    if entry.scheme not in SCHEMES:
+        fail(f"{option} {uri!r}: the scheme must be hf:, local: or embedded:")
+    root = Path(entry.target).expanduser()
+    if entry.scheme == "local" and not (root / "meta" / "info.json").is_file():
+        fail(f"{option} {uri!r}: {root} is not a LeRobotDataset folder (no meta/info.json)")
+    if entry.scheme == "embedded":
+        require_simulator_tasks([entry.target], f"{option} {uri!r}: ")
+
+
+def require_simulator_tasks(names: list[str], context: str = "") -> None:
+    """Fail in one line on a name that is not a simulator task (loads MuJoCo's scenes, not torch)."""
+    from zk0.sim.scene import TASKS
+
+    if unknown := [name for name in names if name not in TASKS]:
+        fail(f"{context}unknown simulator task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")

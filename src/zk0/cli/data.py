@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from zk0.cli.common import fail
+from zk0.cli.common import fail, require_dataset_found, require_simulator_tasks
 
 data_app = typer.Typer(no_args_is_help=True, help="Record simulator datasets and validate LeRobot datasets.")
 
@@ -19,10 +19,8 @@ def simulator_task_names(tasks: list[str] | None) -> list[str]:
     """The named simulator tasks (default: all client and unseen tasks); unknown names fail in one line."""
     from zk0 import sim
 
-    names = tasks or [*sim.CLIENT_TASKS, *sim.UNSEEN_TASKS]
-    if unknown := [t for t in names if t not in sim.TASKS]:
-        fail(f"unknown simulator task(s) {', '.join(unknown)}; known: {', '.join(sim.TASKS)}")
-    return names
+    require_simulator_tasks(tasks or [])
+    return tasks or [*sim.CLIENT_TASKS, *sim.UNSEEN_TASKS]
 
 
 @data_app.command("generate")
@@ -76,6 +74,8 @@ def generate(
 @data_app.command("check")
 def check(uris: Annotated[list[str], typer.Argument(help="hf:user/name, local:/path or embedded:<task>.")]) -> None:
     """Validate datasets and look for episodes shared between them; exit status 1 on any issue."""
+    for uri in uris:
+        require_dataset_found(uri)
     from zk0.tools.datacheck import run_check
 
     lines, ok = run_check(uris)
@@ -97,30 +97,37 @@ def evaluate(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Evaluate a checkpoint: closed loop in the simulator (--sim) or offline on datasets (--dataset)."""
-    from zk0.checkpoint import CheckpointError, load_checkpoint
     from zk0.registry import RegistryError, parse_camera_map
 
+    if device not in ("cpu", "cuda"):
+        fail(f"--device {device!r}: use cpu or cuda")
     if not sim_ and not dataset:
         fail("say what to evaluate on: --sim (simulator success rate) or --dataset URI (offline loss and MAE)")
     try:
         cameras = parse_camera_map(camera or [])
     except RegistryError as err:
         fail(f"--camera: {err}")
+    if not (checkpoint / "config.json").is_file():  # before LeRobot loads to read it
+        fail(f"{checkpoint} is not a checkpoint folder (no config.json there); pass a run's checkpoints/round_N")
+    names = simulator_task_names(tasks) if sim_ else []
+    for uri in dataset or []:
+        require_dataset_found(uri)
+    from zk0.checkpoint import CheckpointError, load_checkpoint
+
     try:
         policy, pre, post = load_checkpoint(checkpoint, device)
     except CheckpointError as err:
         fail(str(err))
     if sim_:
-        _evaluate_in_sim(policy, pre, post, tasks, episodes, seed, output or checkpoint / "sim_eval")
+        _evaluate_in_sim(policy, pre, post, names, episodes, seed, output or checkpoint / "sim_eval")
     for uri in dataset or []:
         _evaluate_offline(policy, pre, post, uri, cameras, seed)
 
 
-def _evaluate_in_sim(policy, pre, post, tasks: list[str] | None, episodes: int, seed: int, videos: Path) -> None:
+def _evaluate_in_sim(policy, pre, post, names: list[str], episodes: int, seed: int, videos: Path) -> None:
     from zk0 import sim
     from zk0.sim.policy_eval import evaluate_in_sim, policy_image_size
 
-    names = simulator_task_names(tasks)
     results = evaluate_in_sim(policy, pre, post, names, episodes, seed, policy_image_size(policy), videos)
     for name, res in results.items():
         kind = "unseen" if name in sim.UNSEEN_TASKS else "client"

@@ -14,9 +14,9 @@ from typing import Annotated
 
 import typer
 
-from zk0.cli.common import fail
+from zk0.cli.common import fail, require_dataset_found
 from zk0.deploy import commands, node_folder, processes, server_folder
-from zk0.registry import SCHEMES, DatasetEntry, RegistryError, format_camera_map, parse_camera_map
+from zk0.registry import DatasetEntry, RegistryError, format_camera_map, parse_camera_map
 
 server_app = typer.Typer(no_args_is_help=True, help="Server operator: certificates, SuperLink, robot owners' keys.")
 client_app = typer.Typer(no_args_is_help=True, help="Robot owner: node key and the SuperNode for one dataset.")
@@ -25,6 +25,7 @@ ServerDir = Annotated[Path, typer.Option("--dir", "-d", help="The server folder 
 ClientDir = Annotated[Path, typer.Option("--dir", "-d", help="This node's folder (key, PID files, logs).")]
 DEFAULT_SERVER, DEFAULT_CLIENT = Path("zk0-server"), Path("zk0-client")
 FLWR_TIMEOUT = 600.0  # a `flwr` call: `flwr --version` alone took 26 s on a loaded 2-core machine
+LISTEN_TIMEOUT = 600.0  # a started process's port: a process that exits is reported at once, so only load waits
 KNOWN_KEY = "Public key already in use"  # Flower 1.42's reason for a node key registered before
 SERVER_PROCESSES = ("superlink", "fleet-proxy")  # started in this order, stopped in reverse
 
@@ -74,8 +75,9 @@ def server_init(
     bind: Annotated[str, typer.Option(
         help="Address the Fleet proxy listens on (0.0.0.0: all interfaces); the SuperLink stays on 127.0.0.1.")]
         = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="The port robot owners dial: the Fleet API, and nothing else.")] = 9092,
-    control_port: Annotated[int | None, typer.Option(
+    port: Annotated[int, typer.Option(
+        min=1, max=65535, help="The port robot owners dial: the Fleet API, and nothing else.")] = 9092,
+    control_port: Annotated[int | None, typer.Option(min=1, max=65535,
         help="The SuperLink's own port, on 127.0.0.1 only: the operator's Control API (default: port + 1).")] = None,
     ca_dir: Annotated[Path | None, typer.Option(
         help="Where the CA's private key goes (default: FOLDER-ca beside the server folder); keep it offline.")] = None,
@@ -130,9 +132,10 @@ def start_server_processes(folder: Path, settings: server_folder.ServerSettings,
     env = commands.flower_env(folder / "flwr")
     pid = processes.start(folder, "superlink", commands.superlink_command(folder, insecure), env)
     try:
-        processes.wait_listening(folder, "superlink", "127.0.0.1", settings.control_port, timeout=60)
+        processes.wait_listening(folder, "superlink", "127.0.0.1", settings.control_port, LISTEN_TIMEOUT)
         processes.start(folder, "fleet-proxy", commands.fleet_proxy_command(folder, insecure), env)
-        processes.wait_listening(folder, "fleet-proxy", server_folder.local_host(settings), settings.port, timeout=60)
+        processes.wait_listening(folder, "fleet-proxy", server_folder.local_host(settings), settings.port,
+                                 LISTEN_TIMEOUT)
     except processes.DeployError:
         for name in reversed(SERVER_PROCESSES):
             processes.stop(folder, name)
@@ -214,8 +217,7 @@ def client_start(
         entry = DatasetEntry(uri=dataset, cameras=parse_camera_map(camera or []))
     except RegistryError as err:
         fail(f"--camera: {err}")
-    if entry.scheme not in SCHEMES:
-        fail(f"--dataset {dataset!r}: the scheme must be hf:, local: or embedded:")
+    require_dataset_found(dataset, "--dataset")
     if insecure:
         typer.secho("warning: --insecure: traffic to the server is unencrypted and unauthenticated", fg="yellow",
                     err=True)
@@ -238,7 +240,7 @@ def client_start(
                            commands.supernode_command(server, dataset, ca, key, appio, secret, cameras), env)
         started.append("supernode")
         if secret:
-            processes.wait_listening(folder, "supernode", "127.0.0.1", appio, timeout=60)
+            processes.wait_listening(folder, "supernode", "127.0.0.1", appio, LISTEN_TIMEOUT)
             processes.start(folder, "clientapp", commands.resident_command(appio, pid, secret), env)
             started.append("clientapp")
         node_id = node_folder.wait_connected(folder, "supernode", wait)

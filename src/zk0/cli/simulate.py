@@ -28,18 +28,18 @@ def simulate(
              "CUDA GPU and device auto|cuda, else 0).")] = None,
 ) -> None:
     """Run a federated simulation on Flower's simulation engine (Ray), as `flwr run .` does."""
+    if client_cpus <= 0 or (client_gpus is not None and client_gpus < 0):
+        fail(ConfigError("--client-cpus must be > 0 and --client-gpus >= 0"))
     overrides = parse_overrides(run_config)
     if resume is None:
         overrides["output-dir"] = str(output.expanduser().resolve())
     overrides, cfg = settle_config(overrides, resume)
-    n = num_clients or registry_clients(cfg)
+    n = registry_clients(cfg, num_clients)
     fed = cfg.federation
     if n < max(fed.min_train_nodes, fed.min_evaluate_nodes, fed.min_stats_clients, 1):
         fail(ConfigError(f"--num-clients {n} is below min-train-nodes={fed.min_train_nodes} / min-evaluate-nodes="
                          f"{fed.min_evaluate_nodes} / min-stats-clients={fed.min_stats_clients}: the server would "
                          f"wait for clients that never come"))
-    if client_cpus <= 0 or (client_gpus is not None and client_gpus < 0):
-        fail(ConfigError("--client-cpus must be > 0 and --client-gpus >= 0"))
     resources = {"num_cpus": client_cpus, "num_gpus": client_gpu_share(cfg, n, client_gpus)}
     check_setup(cfg, n)
     before = set(Path(cfg.tracking.output_dir).glob("*")) if Path(cfg.tracking.output_dir).exists() else set()

@@ -10,6 +10,7 @@ import typer
 from zk0.cli.common import RunConfigOpt, check_setup, fail, parse_overrides, registry_clients, settle_config
 from zk0.config import BASELINE_MODES, ConfigError
 
+
 def baseline(
     mode: Annotated[str, typer.Option(
         "--mode", "-m", help="centralized: every client's training episodes pooled; local: each client alone.")],
@@ -23,7 +24,7 @@ def baseline(
         fail(ConfigError(f"--mode must be one of {'|'.join(BASELINE_MODES)}, got {mode!r}"))
     overrides = parse_overrides(run_config) | {"output-dir": str(output.expanduser().resolve())}
     _, cfg = settle_config(overrides, None)
-    check_setup(cfg, num_clients or registry_clients(cfg))
+    check_setup(cfg, registry_clients(cfg, num_clients))
     from zk0.tools.baseline import run_baseline
     from zk0.data import DatasetError
     from zk0.registry import RegistryError
@@ -57,9 +58,9 @@ def report(
         = None,
 ) -> None:
     """One self-contained HTML page of a run: who trained, metrics per dataset and round, charts, rejected replies."""
-    from zk0.tools.run_report import write_report
-
     run_dir = run_dir.expanduser().resolve()
     if not (run_dir / "config.json").is_file() or not (run_dir / "metrics.jsonl").is_file():
         fail(f"{run_dir} is not a run folder (no config.json and metrics.jsonl); pass one made by zk0")
+    from zk0.tools.run_report import write_report  # torch and Flower: after the folder is known to be a run
+
     typer.secho(f"report: {write_report(run_dir, out)}", fg=typer.colors.GREEN)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from zk0.logs import ffmpeg_quiet
 from zk0.sim.env import SimEnv
@@ -35,8 +34,11 @@ def lerobot_observation(obs: dict[str, np.ndarray], task: Task) -> dict:
     """An environment observation as a LeRobot dataset item (unbatched).
 
     ``observation.state``: float32 tensor (6,) in degrees; ``observation.images.<cam>``: float32
-    tensor (3, H, W) in [0, 1]; ``task``: the instruction string.
+    tensor (3, H, W) in [0, 1]; ``task``: the instruction string. torch loads here, not with the
+    simulator: ``zk0 data generate`` and task-name checks need no torch.
     """
+    import torch
+
     item: dict = {"observation.state": torch.from_numpy(obs["state"]), "task": task.instruction}
     for cam in CAMERAS:
         item[f"observation.images.{cam}"] = torch.from_numpy(obs[cam]).permute(2, 0, 1).float().div(255.0)
