@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from uuid import uuid4
 
 import torch
 from conftest import FAST, ROOT
+from filelock import FileLock
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.config import get_fused_config_from_dir
 from inprocess import InProcessGrid
@@ -43,14 +46,27 @@ def config_for(output_dir: Path, **overrides) -> dict:
 
 
 def shared_runs(tmp_path_factory) -> dict[str, Path]:
-    """A federated run and both baselines of the same config, made once per session (baselines and compare)."""
+    """A federated run and both baselines of the same config, made once per session (baselines and compare).
+
+    pytest-xdist workers share them through an index in the session's folder, built by the first worker
+    that asks while the others wait on its lock: each worker building its own would take minutes of CPU.
+    """
     if not _RUNS:
-        out = tmp_path_factory.mktemp("runs")
-        _RUNS["fedprox"], _ = run_federation(config_for(out / "fedprox"), num_nodes=CLIENTS)
-        for mode in baseline.MODES:
-            cfg = RunConfig.from_run_config(config_for(out / mode))
-            _RUNS[mode] = baseline.run_baseline(cfg, mode)
+        session = tmp_path_factory.getbasetemp()
+        index = (session.parent if os.environ.get("PYTEST_XDIST_WORKER") else session) / "shared-runs.json"
+        with FileLock(f"{index}.lock"):
+            if not index.exists():
+                index.write_text(json.dumps({mode: str(path) for mode, path in _build_runs(tmp_path_factory).items()}))
+        _RUNS.update({mode: Path(path) for mode, path in json.loads(index.read_text()).items()})
     return _RUNS
+
+
+def _build_runs(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("runs")
+    runs = {"fedprox": run_federation(config_for(out / "fedprox"), num_nodes=CLIENTS)[0]}
+    for mode in baseline.MODES:
+        runs[mode] = baseline.run_baseline(RunConfig.from_run_config(config_for(out / mode)), mode)
+    return runs
 
 
 def request(node: int, message_type: str = MessageType.TRAIN) -> Message:

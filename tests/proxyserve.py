@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from pathlib import Path
 
 import uvicorn
+from waits import wait_for
 
 from zk0.deploy import processes
 from zk0.deploy.fleet_proxy import FleetProxy, upstream_verify
@@ -49,10 +49,7 @@ def serve(app, port: int, tls: Path | None) -> uvicorn.Server:
                             ssl_keyfile=str(tls / "server.key") if tls else None)
     server = uvicorn.Server(config)
     threading.Thread(target=server.run, daemon=True).start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert time.monotonic() < deadline, f"a test server did not start on 127.0.0.1:{port}"
-        time.sleep(0.02)
+    wait_for(lambda: server.started, f"a test server to start on 127.0.0.1:{port}", poll=0.02)
     return server
 
 

@@ -9,12 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT
+from waits import wait_for
 
 from zk0.deploy.processes import free_port
 from zk0.tracking import read_metrics
@@ -41,13 +41,12 @@ def superlink(tmp_path):
     proc = subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                              "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
+    def listening() -> bool:
         assert proc.poll() is None, (tmp_path / "superlink.log").read_text()[-2000:]
-        time.sleep(0.5)
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, f"the SuperLink to listen on 127.0.0.1:{port}")
     yield env
     os.killpg(proc.pid, signal.SIGTERM)  # its SuperExec watches this PID and exits with it
     try:
@@ -108,12 +107,13 @@ def test_zk0_simulate_on_owners_data_killed_and_resumed(tmp_path, lab_registry, 
             f"datasets='lab' registry='{lab_registry}' model-name='{smolvla_base_folder}' min-stats-clients=2"]
     proc = subprocess.Popen(args, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, cwd=tmp_path)
+    def round_1_done() -> bool:
+        assert proc.poll() is None, "the simulation exited before it finished round 1"
+        return any(r.get("event") == "round" and r["round"] == 1
+                   for path in out.glob("*/metrics.jsonl") for r in read_metrics(path))
+
     try:
-        deadline = time.monotonic() + 300
-        while not any(r.get("event") == "round" and r["round"] == 1
-                      for path in out.glob("*/metrics.jsonl") for r in read_metrics(path)):
-            assert proc.poll() is None and time.monotonic() < deadline, "the simulation never finished round 1"
-            time.sleep(0.2)
+        wait_for(round_1_done, "the simulation to finish round 1")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # Ray's workers die with the session
         proc.wait(timeout=600)

@@ -12,12 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import synthetic
 import torch
+from waits import wait_for
 
 from zk0.deploy import commands, processes, server_folder
 from zk0.audit import read_audit
@@ -33,7 +33,7 @@ NAMES = ["alice", "bob", "carol"]
 RENAMED = "top-camera"  # node 1's dataset: cameras top and wrist; the policy's are front and wrist
 
 
-def zk0(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+def zk0(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([ZK0, *args], capture_output=True, text=True, timeout=timeout)
     assert not check or proc.returncode == 0, f"zk0 {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -55,15 +55,6 @@ def _stat(path: Path) -> list[str]:
 
 def alive(pid: int) -> bool:
     return _stat(Path(f"/proc/{pid}/stat"))[:1] not in ([], ["Z"])
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 class Federation:
@@ -144,9 +135,9 @@ def test_two_nodes_run_two_rounds_while_an_outsider_with_ca_crt_is_refused_every
     output = (tmp_path / "operator.log").open("w+")  # a file, not a pipe: the streamed run log must never block
     operator = subprocess.Popen([ZK0, "run", "-d", str(federation.server), "-c", f"num-server-rounds=2 {FAST}"],
                                 stdout=output, stderr=subprocess.STDOUT, text=True)
-    run_dir = wait_for(lambda: next(iter(set(federation.runs()) - before), None), 300, "the run folder")
+    run_dir = wait_for(lambda: next(iter(set(federation.runs()) - before), None), "the run folder")
     run_id = wait_for(lambda: (run_dir / "flower-runs.txt").exists() and (run_dir / "flower-runs.txt").read_text()
-                      .split()[-1], 120, "the run id")
+                      .split()[-1], "the run id")
     zk0("client", "keygen", "-d", str(tmp_path / "intruder"))
     home, app = tmp_path / "flwr", str(default_pyproject().parent)
     node_id = next(k for k, name in server_folder.node_names(federation.server).items() if name == NAMES[0])
@@ -194,8 +185,7 @@ def test_two_nodes_run_two_rounds_while_an_outsider_with_ca_crt_is_refused_every
 
 def test_zk0_run_exits_nonzero_when_the_run_fails(federation):
     """Three nodes required, two online: the ServerApp gives up after round-timeout and the run fails."""
-    proc = zk0("run", "-d", str(federation.server), "-c", "min-train-nodes=3 round-timeout=5", timeout=300,
-               check=False)
+    proc = zk0("run", "-d", str(federation.server), "-c", "min-train-nodes=3 round-timeout=5", check=False)
     assert proc.returncode == 1 and "finished:failed" in proc.stdout, proc.stdout[-2000:]
 
 
@@ -248,14 +238,14 @@ def test_a_node_dies_mid_round_then_the_server_dies_and_the_run_resumes(federati
     before = set(federation.runs())
     zk0("run", "-d", str(federation.server), "--detach", "-c",
         f"num-server-rounds=3 min-train-nodes=2 min-evaluate-nodes=2 {FAST}")
-    run_dir = wait_for(lambda: next(iter(set(federation.runs()) - before), None), 120, "the run folder")
-    wait_for(lambda: any(a["phase"] == "train" and a["round"] == 1 for a in read_audit(run_dir)), 180,
+    run_dir = wait_for(lambda: next(iter(set(federation.runs()) - before), None), "the run folder")
+    wait_for(lambda: any(a["phase"] == "train" and a["round"] == 1 for a in read_audit(run_dir)),
              "round 1 training to start")
     for name in ("clientapp", "supernode"):
         assert processes.stop(federation.root / "node2", name, timeout=10)
     wait_for(lambda: (run_dir / "server_state.pt").exists() and
              any(r.get("event") == "round" and r["round"] == 1 for r in read_metrics(run_dir / "metrics.jsonl")),
-             300, "round 1 to complete")
+             "round 1 to complete")
     serverapps = server_folder.serverapp_processes(server_folder.server_settings(federation.server))
     assert any(b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in serverapps)
     os.kill(processes.running_pid(federation.server, "superlink"), signal.SIGKILL)
@@ -268,7 +258,7 @@ def test_a_node_dies_mid_round_then_the_server_dies_and_the_run_resumes(federati
     supervisor = processes.running_pid(federation.root / "node0", "clientapp")
     (worker,) = [pid for pid in child_pids(supervisor)]
     os.kill(worker, signal.SIGKILL)  # node 0's worker dies; its supervisor starts another
-    wait_for(lambda: [pid for pid in child_pids(supervisor) if pid != worker], 120, "a restarted worker")
+    wait_for(lambda: [pid for pid in child_pids(supervisor) if pid != worker], "a restarted worker")
     proc = zk0("run", "-d", str(federation.server), "--resume", str(run_dir), timeout=600)
     assert "finished:completed" in proc.stdout
     records = read_metrics(run_dir / "metrics.jsonl")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 import zipfile
 from importlib.metadata import version
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+from waits import wait_for
 
 from zk0.deploy import resident
 
@@ -120,10 +120,8 @@ def test_a_task_whose_message_never_arrives_does_not_block_the_next(monkeypatch)
         def AcquireTask(self, request):
             token = next(tasks, None)
             if token is None:
-                deadline = time.monotonic() + 30
-                while not served and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                raise KeyboardInterrupt  # ends serve() once the fresh task ran (or the wait timed out)
+                wait_for(lambda: served, "the fresh task to run")
+                raise KeyboardInterrupt  # ends serve() once the fresh task ran
             return SimpleNamespace(HasField=lambda field: True, token=token, task=SimpleNamespace(task_id=1))
 
     worker = resident.Worker("127.0.0.1:9", insecure=True, root_certificates=None)
