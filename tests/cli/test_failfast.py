@@ -47,7 +47,7 @@ CASES = {
     "simulate-unknown-key": (["simulate", "-c", "no-such-key=1"], "error: unknown run-config key 'no-such-key'"),
     "simulate-bad-value": (["simulate", "-c", "lr=-1"], "error: run-config 'lr' must be >= 0"),
     "simulate-bad-profile": (["simulate", "-c", "datasets=nope"], "error: dataset profile 'nope' not in"),
-    "simulate-too-many-clients": (["simulate", "-n", "99"], "error: --num-clients 99 exceeds the 4 clients"),
+    "simulate-too-many-clients": (["simulate", "-n", "99"], "error: --num-clients 99 exceeds the "),
     "simulate-too-few-clients": (["simulate", "-n", "1"], "error: --num-clients 1 is below min-train-nodes"),
     "simulate-client-cpus": (["simulate", "--client-cpus", "0"], "error: --client-cpus must be > 0"),
     "simulate-resume-nothing": (["simulate", "--resume", "{tmp}/none"], "error: --resume {tmp}/none: no readable"),
