@@ -1,13 +1,15 @@
-"""Wire bytes per client per round: full fp32 state dict vs trainable-only fp32 vs bf16.
+"""Wire bytes per client per round: full fp32 state dict vs trainable-only fp32 vs bf16 vs int8.
 
 The older zk0 design shipped every parameter and buffer of the policy in fp32, both ways,
-every round. zk0 now ships only the trainable tensors, in bf16 by default. This benchmark
-builds the real smolvla_base architecture (``model-name="smolvla-size"``: SmolVLM2-500M
-backbone, no weights, on the meta device) and counts the bytes each scheme puts on the
-wire, using zk0's own codec.
+every round. zk0 now ships only the trainable tensors, in bf16 by default, or in int8
+(``transport-dtype=int8``: updates up, deltas of the global model down, once a node holds
+it). This benchmark builds the real smolvla_base architecture (``model-name="smolvla-size"``:
+SmolVLM2-500M backbone, no weights, on the meta device) and counts the bytes each scheme puts
+on the wire, using zk0's own codec (int8: values and per-row fp32 scales).
 
-Run: ``HF_HUB_OFFLINE=1 python bench/transport.py``. The last line is
-``bf16_vs_full_fp32=<ratio>``.
+Run: ``HF_HUB_OFFLINE=1 python bench/transport.py``. The last lines are
+``bf16_vs_full_fp32=<ratio>`` and ``int8_vs_full_fp32=<ratio>`` (both directions: an int8
+delta down and an int8 update up, against the full fp32 state dict both ways).
 """
 
 from __future__ import annotations
@@ -62,16 +64,18 @@ def wire_bytes(shapes: Shapes, dtype: str) -> int:
 def report(payloads: Mapping[str, int]) -> None:
     """Print MiB per direction, per client per round (down + up) and the ratio to row (a)."""
     base = payloads["a"]
-    labels = {"a": "full state dict, fp32", "b": "trainable only, fp32", "c": "trainable only, bf16"}
+    labels = {"a": "full state dict, fp32", "b": "trainable only, fp32", "c": "trainable only, bf16",
+              "d": "trainable only, int8"}
     print(f"{'':2} {'payload':24} {'MiB/direction':>14} {'MiB/client/round':>17} {'vs a':>7}")
     for key, size in payloads.items():
         print(f"{key:2} {labels[key]:24} {size / MIB:14.1f} {2 * size / MIB:17.1f} {size / base:7.4f}")
     print(f"trainable_fp32_vs_full_fp32={payloads['b'] / base:.4f}")
     print(f"bf16_vs_full_fp32={payloads['c'] / base:.4f}")
+    print(f"int8_vs_full_fp32={payloads['d'] / base:.4f}")
 
 
 def main() -> None:
-    """Build the policy, count the three payloads and print the report."""
+    """Build the policy, count the four payloads and print the report."""
     torch.set_num_threads(1)
     policy = build_policy()
     params = list(policy.named_parameters())
@@ -84,7 +88,7 @@ def main() -> None:
           f"(state dict: {len(full)} tensors, {sum(map(_numel, full.values())) / 1e6:.1f}M values; "
           f"trainable: {len(trainable)} tensors)")
     payloads = {"a": wire_bytes(full, "fp32"), "b": wire_bytes(trainable, "fp32"),
-                "c": wire_bytes(trainable, "bf16")}
+                "c": wire_bytes(trainable, "bf16"), "d": wire_bytes(trainable, "int8")}
     report(payloads)
 
 

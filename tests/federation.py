@@ -26,9 +26,13 @@ CLIENTS = len(load_registry("embedded").clients)
 _RUNS: dict[str, Path] = {}
 
 
-def run_federation(config: dict, num_nodes: int = 2, intercept=None) -> tuple[Path, InProcessGrid]:
-    """Run the unchanged ServerApp against the unchanged ClientApp; return the run folder."""
-    grid = InProcessGrid(client_app.app, config, num_nodes, intercept=intercept)
+def run_federation(config: dict, num_nodes: int = 2, intercept=None,
+                   run_id: int | None = None) -> tuple[Path, InProcessGrid]:
+    """Run the unchanged ServerApp against the unchanged ClientApp; return the run folder.
+
+    Clients keep their state per run id: the same ``run_id`` as an earlier call finds its clients as they were.
+    """
+    grid = InProcessGrid(client_app.app, config, num_nodes, intercept=intercept, run_id=run_id)
     server_app.app(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     runs = sorted(Path(config["output-dir"]).iterdir())
     return runs[-1], grid

@@ -187,3 +187,80 @@ def test_a_sealed_payload_changed_in_transit_is_refused(tensors):
     values[0] += 1
     with pytest.raises(PayloadError, match="digest mismatch"):
         client.open(replace(arrays, "a.bias", values), seal)
+
+
+def test_int8_values_are_within_half_a_scale_of_each_row(tensors):
+    record = transport.encode(tensors, "int8")
+    out = transport.decode(record, "int8")
+    for name, t in tensors.items():
+        assert record[name].numpy().dtype == np.int8
+        rows = t.reshape(t.shape[0] if t.dim() >= 2 else 1, -1)
+        half_scale = rows.abs().amax(dim=1, keepdim=True) / 127 / 2
+        error = (out[name] - t).reshape(rows.shape).abs()
+        assert out[name].shape == t.shape and out[name].dtype == torch.float32
+        assert (error <= half_scale * (1 + 1e-6)).all()
+        assert record[name + transport.SCALE].numpy().shape == (rows.shape[0],)
+
+
+def test_int8_keeps_zeros_and_scalars_exact():
+    zeros, scalar = torch.zeros(3, 4), torch.tensor(-2.5)
+    out = transport.decode(transport.encode({"z": zeros, "s": scalar}, "int8"), "int8")
+    assert torch.equal(out["z"], zeros) and torch.equal(out["s"], scalar)
+
+
+def test_int8_is_a_quarter_of_fp32_and_half_of_bf16():
+    big = {"w": torch.randn(256, 1024)}
+    fp32, bf16, int8 = (transport.nbytes(transport.encode(big, dtype)) for dtype in ("fp32", "bf16", "int8"))
+    assert int8 / fp32 < 0.26 and int8 / bf16 < 0.51
+
+
+def test_int8_digest_covers_the_scales(tensors):
+    server, client = wires(tensors, "int8")
+    arrays, seal = server.seal(tensors)
+    name = "b.weight" + transport.SCALE
+    scale = arrays[name].numpy().copy()
+    scale[0] *= 2
+    with pytest.raises(PayloadError, match="digest mismatch"):
+        client.open(replace(arrays, name, scale), seal)
+
+
+def test_int8_scales_of_the_wrong_shape_are_refused_even_when_resealed(tensors):
+    server, client = wires(tensors, "int8")
+    arrays, _ = server.seal(tensors)
+    name = "b.weight" + transport.SCALE
+    forged = replace(arrays, name, np.ones(3, np.float32))
+    seal = {"payload-digest": transport.digest(forged), "base-fingerprint": "base", "transport-dtype": "int8"}
+    with pytest.raises(PayloadError, match=r"'b.weight::scale' has shape \(3,\), expected \(7,\)"):
+        client.open(forged, seal)
+    missing = ArrayRecord({n: arrays[n] for n in arrays.keys() if n != name})
+    with pytest.raises(PayloadError, match="missing"):
+        transport.check(missing, transport.digest(missing), transport.expected_shapes(shapes(tensors), "int8"))
+
+
+def test_an_array_whose_bytes_disagree_with_its_shape_is_refused(tensors):
+    record = transport.encode(tensors, "fp32")
+    lying = ArrayRecord({n: record[n] for n in record.keys()})
+    lying["b.weight"] = Array("float32", (7, 5), record["b.weight"].stype, record["c.scale"].data)  # 24 values
+    with pytest.raises(PayloadError, match="do not hold"):
+        transport.decode(lying, "fp32")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_norm_and_accumulate_read_the_payload_as_decode_does(tensors, dtype):
+    record = transport.encode(tensors, dtype)
+    decoded = transport.decode(record, dtype)
+    scratch = transport.scratch_for(shapes(tensors))
+    expected = torch.sqrt(sum((t.double() ** 2).sum() for t in decoded.values()))
+    assert transport.norm(record, dtype, scratch) == pytest.approx(float(expected), rel=1e-6)
+    total = {n: torch.empty(t.shape) for n, t in tensors.items()}
+    transport.accumulate(total, record, dtype, 0.25, scratch, start=True)
+    transport.accumulate(total, record, dtype, 0.5, scratch)
+    assert all(torch.allclose(total[n], decoded[n] * 0.75) for n in tensors)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_a_non_finite_value_makes_the_norm_non_finite(tensors, dtype):
+    broken = {**tensors, "a.bias": tensors["a.bias"].clone()}
+    broken["a.bias"][2] = float("nan") if dtype != "int8" else float("inf")
+    norm = transport.norm(transport.encode(broken, dtype), dtype, transport.scratch_for(shapes(tensors)))
+    assert not np.isfinite(norm)

@@ -39,12 +39,13 @@ class AuditLog:
         self._write({"round": server_round, "phase": phase, "node": message.metadata.dst_node_id,
                      "direction": "sent", **_payload(message)})
 
-    def received(self, server_round: int, phase: str, reply: Message, accepted: bool, reason: str = "") -> None:
-        """A node's reply and whether the server used it."""
+    def received(self, server_round: int, phase: str, reply: Message, accepted: bool, reason: str = "",
+                 digest: str = "") -> None:
+        """A node's reply and whether the server used it; ``digest``: its payload's, if verification hashed it."""
         record = {"round": server_round, "phase": phase, "node": reply.metadata.src_node_id,
                   "direction": "received", "status": "accepted" if accepted else "rejected"}
         if not reply.has_error():
-            record |= _payload(reply)
+            record |= _payload(reply, digest)
         if reason:
             record["reason"] = reason
         self._write(record)
@@ -55,14 +56,15 @@ class AuditLog:
                      "reason": f"no reply within {timeout:.0f}s"})
 
 
-def _payload(message: Message) -> dict:
-    """Digest and size of the message's arrays; the server's own digest is reused for what it sends."""
+def _payload(message: Message, known_digest: str = "") -> dict:
+    """Digest and size of the message's arrays: the server's own digest for what it sends, the one verification
+    computed for what it receives, and only a reply that was never hashed is hashed here."""
     content = message.content
     if "arrays" not in content.array_records:
         return {}
     arrays = content["arrays"]
     sent_digest = content["config"].get("payload-digest") if "config" in content.config_records else None
-    return {"digest": str(sent_digest or transport.digest(arrays)), "bytes": transport.nbytes(arrays)}
+    return {"digest": str(known_digest or sent_digest or transport.digest(arrays)), "bytes": transport.nbytes(arrays)}
 
 
 def read_audit(run_dir: Path) -> list[dict]:

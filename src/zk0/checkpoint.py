@@ -17,7 +17,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -94,6 +94,7 @@ class ServerState:
     fingerprint: str
     python_rng: tuple
     torch_rng: torch.Tensor
+    downlink: dict = field(default_factory=dict)  # an int8 run's model chain (zk0.chain.Chain.state)
 
     def save(self, run: RunFolder) -> None:
         """Write atomically: a crash while saving leaves the previous round's state intact."""

@@ -1,7 +1,8 @@
 """ClientApp: local training and held-out evaluation on one robot owner's dataset.
 
 The policy, its processors and the data loader stay resident in the process between
-rounds (keyed by run and node), so a round costs training, not start-up.
+rounds (keyed by run and node), so a round costs training, not start-up. In an int8 run
+so do the model the node holds and the residual of its updates (:class:`zk0.chain.Held`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flwr.common.logger import log
 from lerobot.policies.factory import make_pre_post_processors
 
 from zk0 import transport
+from zk0.chain import Held
 from zk0.config import RunConfig
 from zk0.data import (DatasetSplit, batches, decode_stats, describe_cameras, encode_stats, open_split,
                       train_loader, vector_stats)
@@ -47,6 +49,7 @@ class ClientRuntime:
     wire: transport.Wire
     loader: torch.utils.data.DataLoader
     processors: dict[str, tuple] = field(default_factory=dict)
+    held: Held | None = None  # an int8 run's model and residual
 
     def pre_post(self, norm_stats: str) -> tuple:
         """Pre/post processors for the federation's normalisation stats (built once per stats)."""
@@ -84,7 +87,8 @@ def runtime(context: Context) -> ClientRuntime:
         wire = transport.Wire("client", base_fingerprint(policy), cfg.transport.transport_dtype,
                               trainable_shapes(policy))
         _RUNTIMES[key] = ClientRuntime(cfg, partition_id, policy, split, wire,
-                                       train_loader(split.train, cfg.train.batch_size, cfg.train.num_workers))
+                                       train_loader(split.train, cfg.train.batch_size, cfg.train.num_workers),
+                                       held=Held() if wire.dtype == "int8" else None)
     return _RUNTIMES[key]
 
 
@@ -117,7 +121,7 @@ def receive_global(rt: ClientRuntime, msg: Message) -> tuple[dict[str, torch.Ten
     """Verify the server's payload against its seal and our base, load it into the policy, and build the
     pre/post processors with the federation's pooled stats it carries."""
     config, arrays = msg.content["config"], msg.content["arrays"]
-    weights = rt.wire.open(arrays, config)
+    weights = rt.held.receive(rt.wire, arrays, config) if rt.held else rt.wire.open(arrays, config)
     load_trainable(rt.policy, weights)
     pre, post = rt.pre_post(str(config["norm-stats"]))
     return weights, config, pre, post
@@ -133,6 +137,11 @@ def facts(split: DatasetSplit) -> dict[str, int | str | list[str]]:
     meta = split.meta
     tasks = [] if meta.tasks is None else [str(task) for task in meta.tasks.sort_values("task_index").index]
     return dataset_facts(meta.robot_type, meta.fps, tasks, len(split.train_episodes), len(split.held_out_episodes))
+
+
+def holding(rt: ClientRuntime) -> dict[str, str]:
+    """An int8 run's node says which model it now holds: the server sends it deltas from that one."""
+    return {"model-id": rt.held.model_id} if rt.held else {}
 
 
 @app.query()
@@ -157,10 +166,10 @@ def train(msg: Message, context: Context) -> Message:
     result = train_steps(rt.policy, pre, stream, steps=rt.cfg.train.local_steps, lr=float(config["lr"]),
                          mu=float(config["proximal-mu"]), grad_clip_norm=rt.cfg.train.grad_clip_norm)
     update = {n: p.detach().cpu().float() - weights[n] for n, p in trainable_state(rt.policy).items()}
-    arrays, seal = rt.wire.seal(update)
+    arrays, seal = rt.held.seal(rt.wire, update) if rt.held else rt.wire.seal(update)
     metrics = MetricRecord({"train-loss": result.loss, "proximal": result.proximal, "grad-norm": result.grad_norm,
                             "steps": result.steps, "lr": float(config["lr"]), "num-examples": result.frames})
-    payload = ConfigRecord({**seal, **about(rt), "server-round": int(config["server-round"])})
+    payload = ConfigRecord({**seal, **about(rt), **holding(rt), "server-round": int(config["server-round"])})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "payload": payload}), reply_to=msg)
 
 
@@ -173,5 +182,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     result = evaluate_dataset(rt.policy, pre, post, rt.split.held_out, rt.split.entry.cameras, rt.cfg)
     metrics = MetricRecord({"eval-loss": result["loss"], "eval-action-mae": result["action_mae"],
                             "num-examples": int(result["frames"])})
-    payload = ConfigRecord({**about(rt), "server-round": int(config["server-round"])})
+    payload = ConfigRecord({**about(rt), **holding(rt), "server-round": int(config["server-round"])})
     return Message(RecordDict({"metrics": metrics, "payload": payload}), reply_to=msg)

@@ -18,7 +18,7 @@ from typing import Any
 
 STRATEGIES = ("fedprox", "fedavg")
 LR_SCHEDULES = ("constant", "cosine", "linear")
-TRANSPORT_DTYPES = ("bf16", "fp32")
+TRANSPORT_DTYPES = ("bf16", "fp32", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 BASELINE_MODES = ("centralized", "local")
 MAX_INT = 10**9  # no count, seed or size of a run comes near this

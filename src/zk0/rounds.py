@@ -2,10 +2,12 @@
 
 :class:`RoundState` is what a federated run carries from one round to the next: the round,
 the global trainable tensors in fp32, the pooled normalisation stats, the server's end of
-the wire (frozen-base fingerprint, dtype, tensor shapes), the bytes sent and received, the
-audit log and the event sink. The strategy only verifies and aggregates; this applies its
-result, records every verdict, and saves what a resumed run continues from
-(``server_state.pt``, :class:`zk0.checkpoint.ServerState`).
+the wire (frozen-base fingerprint, dtype, tensor shapes) and, in an int8 run, the model chain
+its nodes hold (:class:`zk0.chain.Chain`), the bytes sent and received, the audit log and the
+event sink. The strategy only verifies and aggregates; this gives every message its payload
+(sealed once per change of the global model, not per message), applies the aggregate,
+records every verdict, and saves what a resumed run continues from (``server_state.pt``,
+:class:`zk0.checkpoint.ServerState`).
 
 :class:`RoundEnd` is the end of a round, the same for a federated run and a baseline:
 evaluate, evaluate in the simulator, log the round, checkpoint and report, on one schedule.
@@ -16,16 +18,17 @@ from __future__ import annotations
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import InitVar, dataclass, field
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
 from zk0 import transport
 from zk0.audit import AuditLog
+from zk0.chain import Chain, Payload
 from zk0.checkpoint import RunFolder, ServerState
 from zk0.config import RunConfig
 from zk0.reasons import one_line
@@ -50,43 +53,64 @@ class RoundState:
     server_round: int = 0
     bytes_down: int = 0
     bytes_up: int = 0
+    downlink: InitVar[Mapping | None] = None  # a resumed int8 run's saved chain
     wire: transport.Wire = field(init=False)
+    chain: Chain | None = field(init=False)  # int8 runs: the model the nodes hold
+    sealed_master: Payload | None = field(init=False, default=None)  # bf16/fp32 runs: the global tensors
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, downlink: Mapping | None) -> None:
         self.master = {n: t.detach().to("cpu", torch.float32).clone() for n, t in self.master.items()}
         shapes = {n: tuple(t.shape) for n, t in self.master.items()}
         self.wire = transport.Wire("server", self.fingerprint, self.cfg.transport.transport_dtype, shapes)
+        self.chain = Chain(self.wire, downlink) if self.wire.dtype == "int8" else None
 
     @classmethod
     def resumed(cls, saved: ServerState, cfg: RunConfig, audit: AuditLog, on_event: Event) -> RoundState:
         """The state saved after ``saved.server_round``, random generators included: the run goes on unchanged."""
         random.setstate(saved.python_rng)
         torch.set_rng_state(saved.torch_rng)
-        return cls(cfg, saved.master, saved.norm_stats, saved.fingerprint, audit, on_event, saved.server_round)
+        return cls(cfg, saved.master, saved.norm_stats, saved.fingerprint, audit, on_event, saved.server_round,
+                   downlink=saved.downlink)
 
     def save(self, run: RunFolder) -> None:
         """The state a resumed run continues from, after the round just completed."""
         ServerState(self.server_round, self.master, self.norm_stats, self.cfg.to_run_config(), self.fingerprint,
-                    random.getstate(), torch.get_rng_state()).save(run)
+                    random.getstate(), torch.get_rng_state(), self.chain.state() if self.chain else {}).save(run)
 
-    def sealed(self) -> tuple[ArrayRecord, ConfigRecord]:
-        """The global tensors as they go on the wire, with their seal and the federation's normalisation stats."""
-        arrays, seal = self.wire.seal(self.master)
-        return arrays, ConfigRecord({**seal, "norm-stats": self.norm_stats})
+    def address(self, messages: Iterable[Message]) -> list[Message]:
+        """The strategy's messages as they go: each with the global model in the form its node can use, sealed,
+        and the federation's normalisation stats."""
+        out = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            arrays, seal = self.chain.payload(node, self.master) if self.chain else self._broadcast()
+            config = ConfigRecord({**message.content["config"], **seal, "norm-stats": self.norm_stats})
+            out.append(Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                               message_type=message.metadata.message_type))
+        return out
 
-    def sent(self, phase: str, arrays: ArrayRecord, messages: list[Message]) -> None:
-        """Count and audit the messages of ``phase``, each carrying ``arrays``."""
-        self.bytes_down += transport.nbytes(arrays) * len(messages)
+    def _broadcast(self) -> Payload:
+        """The global tensors in the run's dtype, sealed once per change."""
+        if self.sealed_master is None:
+            self.sealed_master = self.wire.seal(self.master)
+        return self.sealed_master
+
+    def sent(self, phase: str, messages: list[Message]) -> None:
+        """Count and audit the messages of ``phase``."""
+        self.bytes_down += sum(transport.nbytes(message.content["arrays"]) for message in messages)
         for message in messages:
             self.audit.sent(self.server_round, phase, message)
 
     def received(self, phase: str, verdicts: list[Verdict]) -> None:
-        """Record every verdict, count the bytes received, and log each accepted reply's metrics."""
+        """Record every verdict, count the bytes received, log each accepted reply's metrics, and note which
+        model each node of an int8 run says it holds."""
         report(self.server_round, phase, verdicts, self.audit, self.on_event)
         self.bytes_up += sum(verdict.nbytes for verdict in verdicts)
         for verdict in verdicts:
             if verdict.accepted:
                 self._client_event(SOURCES[phase], verdict.reply)
+            if self.chain and (model_id := _held_model(verdict.reply)):
+                self.chain.confirm(verdict.reply.metadata.src_node_id, model_id)
 
     def _client_event(self, source: str, reply: Message) -> None:
         about = reply.content["payload"]
@@ -95,10 +119,13 @@ class RoundState:
                        "round": self.server_round, "source": source, "node": reply.metadata.src_node_id,
                        "partition": about["partition-id"], "dataset": about["dataset"], **base})
 
-    def apply(self, update: ArrayRecord) -> None:
+    def apply(self, update: Mapping[str, torch.Tensor]) -> None:
         """Add the aggregated fp32 update to the global tensors."""
-        for name, delta in transport.decode(update, "fp32").items():
-            self.master[name] += delta
+        for name, delta in update.items():
+            self.master[name].add_(delta)
+        self.sealed_master = None
+        if self.chain:
+            self.chain.moved()
 
     def traffic(self) -> dict[str, int]:
         """This round's bytes sent and received, as the round record names them; the counts start again."""
@@ -107,15 +134,23 @@ class RoundState:
         return counts
 
 
+def _held_model(reply: Message) -> str | None:
+    """The model id a reply says its node holds, if it says one."""
+    if reply.has_error() or "payload" not in reply.content.config_records:
+        return None
+    model_id = reply.content["payload"].get("model-id")
+    return model_id if isinstance(model_id, str) else None
+
+
 def report(server_round: int, phase: str, verdicts: list[Verdict], audit: AuditLog, on_event: Event) -> None:
     """Audit every reply of ``phase``; log and report each refused one, with its reason as one line."""
     for verdict in verdicts:
         if verdict.accepted:
-            audit.received(server_round, phase, verdict.reply, accepted=True)
+            audit.received(server_round, phase, verdict.reply, accepted=True, digest=verdict.digest)
             continue
         node, reason = verdict.reply.metadata.src_node_id, one_line(verdict.reason)
         log(WARNING, "round %d: rejected %s reply from node %s: %s", server_round, phase, node, reason)
-        audit.received(server_round, phase, verdict.reply, accepted=False, reason=reason)
+        audit.received(server_round, phase, verdict.reply, accepted=False, reason=reason, digest=verdict.digest)
         on_event({"round": server_round, "source": "server", "event": "rejected-update", "phase": phase,
                   "node": node, "reason": reason})
 

@@ -108,27 +108,25 @@ def run_rounds(grid: Grid, strategy: SmolVLAStrategy, state: RoundState, round_e
     """Rounds ``first..num-server-rounds``: train, federated evaluation, end of round, save state.
 
     Round 0 (``first == 0``, a new run) only evaluates the initial model on clients and server:
-    the baseline every later round is compared with.
+    the baseline every later round is compared with. The strategy picks the nodes; the state
+    gives each message its payload (:meth:`RoundState.address`).
     """
     for server_round in range(first, state.cfg.federation.num_server_rounds + 1):
         state.server_round = server_round
         if server_round:
             log(INFO, "zk0 round %d/%d", server_round, state.cfg.federation.num_server_rounds)
-            arrays, config = state.sealed()
-            messages = list(strategy.configure_train(server_round, arrays, config, grid))
-            receive_train(strategy, state, exchange(grid, state, "train", arrays, messages))
-        arrays, config = state.sealed()
-        messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
+            messages = state.address(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+            receive_train(strategy, state, exchange(grid, state, "train", messages))
+        messages = state.address(strategy.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
         if messages:
-            receive_evaluate(strategy, state, exchange(grid, state, "evaluate", arrays, messages))
+            receive_evaluate(strategy, state, exchange(grid, state, "evaluate", messages))
         round_end(server_round, state.traffic())
         state.save(run)
 
 
-def exchange(grid: Grid, state: RoundState, phase: str, arrays: ArrayRecord,
-             messages: list[Message]) -> list[Message]:
-    """Send one phase's messages (each carrying ``arrays``), wait up to ``round-timeout``, report who never answered."""
-    state.sent(phase, arrays, messages)
+def exchange(grid: Grid, state: RoundState, phase: str, messages: list[Message]) -> list[Message]:
+    """Send one phase's messages, wait up to ``round-timeout``, report who never answered."""
+    state.sent(phase, messages)
     replies = send(grid, state.cfg, state.server_round, phase, messages, state.audit)
     answered = {r.metadata.src_node_id for r in replies}
     for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
@@ -141,8 +139,8 @@ def receive_train(strategy: SmolVLAStrategy, state: RoundState, replies: list[Me
     """Verify the train replies, record every verdict, and apply the accepted updates' mean to the global tensors."""
     verdicts = strategy.verify_train(state.server_round, replies)
     state.received("train", verdicts)
-    update, _ = strategy.aggregate_train(state.server_round, verdicts)  # the clients' metrics are logged one by one
-    state.apply(update)
+    mean, _ = strategy.aggregate_train(state.server_round, verdicts)  # the clients' metrics are logged one by one
+    state.apply(mean)
 
 
 def receive_evaluate(strategy: SmolVLAStrategy, state: RoundState, replies: list[Message]) -> MetricRecord | None:

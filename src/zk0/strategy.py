@@ -5,9 +5,12 @@ Extends Flower's ``FedAvg`` where the earlier design fell short:
 * per-round values (learning rate, proximal mu) are computed here and sent in the round
   config; clients use what they receive;
 * the server sends the global trainable tensors sealed in the transport dtype; clients answer
-  with their *update* (trained minus received), so bf16 transport does not swallow small
-  steps; :meth:`SmolVLAStrategy.aggregate_train` returns the updates' fp32 mean, weighted by
-  ``num-examples``, and the round loop (:mod:`zk0.rounds`) adds it to the fp32 global tensors;
+  with their *update* (trained minus received), so bf16 or int8 transport does not swallow
+  small steps; :meth:`SmolVLAStrategy.aggregate_train` returns the updates' fp32 mean, weighted
+  by ``num-examples``, and the round loop (:mod:`zk0.rounds`) adds it to the fp32 global tensors;
+* each reply is hashed once, when it is verified (the audit reuses that digest), and measured
+  once (its norm, which is finite only if every value is); the mean is then accumulated in
+  place, update by update, from the payloads' bytes into fp32 buffers the strategy keeps;
 * every payload is sealed with its SHA-256 digest and the frozen-base fingerprint
   (:class:`zk0.transport.Wire`); an update that fails verification, is non-finite or too large
   is refused with a reason and the round goes on with the others, unless fewer than
@@ -45,7 +48,7 @@ from zk0.flower_seams import weighted_metrics
 from zk0.reasons import error_reason, one_line
 
 MAX_NODE_FRAMES = 10_000_000  # bounds a query reply's num-examples: the server cannot know a node's dataset size
-Update = tuple[dict[str, torch.Tensor], int]  # a train reply's decoded update and its num-examples weight
+Update = tuple[ArrayRecord, int]  # a train reply's verified payload and its num-examples weight
 
 
 def round_lr(cfg: RunConfig, server_round: int) -> float:
@@ -74,6 +77,7 @@ class Verdict[T]:
     value: T | None = None
     reason: str | None = None
     nbytes: int = 0  # payload bytes that matched their digest, counted as received even if refused afterwards
+    digest: str = ""  # the payload's SHA-256 once it matched (the audit records it without hashing again)
 
     @property
     def accepted(self) -> bool:
@@ -102,6 +106,8 @@ class SmolVLAStrategy(FedAvg):
                          min_train_nodes=fed.min_train_nodes, min_evaluate_nodes=fed.min_evaluate_nodes,
                          min_available_nodes=max(fed.min_train_nodes, fed.min_evaluate_nodes, 1))
         self.cfg, self.wire = cfg, wire
+        self.scratch = transport.scratch_for(wire.shapes)  # one decoded block at a time
+        self.mean: dict[str, torch.Tensor] = {}  # the last round's mean: fp32 buffers reused every round
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -128,7 +134,8 @@ class SmolVLAStrategy(FedAvg):
             return Verdict(reply, reason=sealed.reason)
         arrays, weight = sealed.value
         update = judge(reply, lambda _: (self._plausible_update(arrays), weight))
-        return dataclasses.replace(update, nbytes=transport.nbytes(arrays))
+        return dataclasses.replace(update, nbytes=transport.nbytes(arrays),
+                                   digest=str(reply.content["payload"]["payload-digest"]))
 
     def _sealed_payload(self, reply: Message, server_round: int) -> tuple[ArrayRecord, int]:
         """A train reply's payload, verified against its seal, and its ``num-examples`` weight."""
@@ -137,20 +144,22 @@ class SmolVLAStrategy(FedAvg):
         self.wire.verify(arrays, reply.content.config_records["payload"])
         return arrays, weight
 
-    def _plausible_update(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-        """The decoded update, unless non-finite or larger than ``max-update-norm``."""
-        update = transport.decode(arrays, self.wire.dtype)
-        if not all(torch.isfinite(t).all() for t in update.values()):
+    def _plausible_update(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The payload, unless its update is non-finite or larger than ``max-update-norm``."""
+        norm = transport.norm(arrays, self.wire.dtype, self.scratch)
+        if not math.isfinite(norm):
             raise transport.PayloadError("update has non-finite values")
-        norm = math.sqrt(sum(float((t**2).sum()) for t in update.values()))
         if self.cfg.transport.max_update_norm and norm > self.cfg.transport.max_update_norm:
             bound = self.cfg.transport.max_update_norm
             raise transport.PayloadError(f"update norm {norm:.3g} exceeds max-update-norm={bound}")
-        return update
+        return arrays
 
     def aggregate_train(self, server_round: int,
-                        verdicts: list[Verdict[Update]]) -> tuple[ArrayRecord, MetricRecord]:
-        """The accepted updates' fp32 mean weighted by ``num-examples`` (as fp32 arrays), and their mean metrics."""
+                        verdicts: list[Verdict[Update]]) -> tuple[dict[str, torch.Tensor], MetricRecord]:
+        """The accepted updates' fp32 mean weighted by ``num-examples``, and their mean metrics.
+
+        The mean's tensors are the strategy's own buffers, overwritten by the next call: apply them first.
+        """
         accepted = passed(verdicts)
         if len(accepted) < max(1, self.cfg.federation.min_train_nodes):
             raise RoundFailed(f"round {server_round}: {len(accepted)} valid update(s), fewer than "
@@ -158,9 +167,10 @@ class SmolVLAStrategy(FedAvg):
                               "aggregating too few clients")
         accepted.sort(key=lambda verdict: sender(verdict.reply, "payload"))  # a fixed order: same inputs, same bits
         total = sum(weight for _, weight in (verdict.value for verdict in accepted))
-        mean = {name: sum(update[name] * (weight / total) for update, weight in (v.value for v in accepted))
-                for name in self.wire.shapes}
-        return transport.encode(mean, "fp32"), _mean_metrics([verdict.reply for verdict in accepted])
+        self.mean = self.mean or {name: torch.empty(shape) for name, shape in self.wire.shapes.items()}
+        for i, (arrays, weight) in enumerate(verdict.value for verdict in accepted):
+            transport.accumulate(self.mean, arrays, self.wire.dtype, weight / total, self.scratch, start=i == 0)
+        return self.mean, _mean_metrics([verdict.reply for verdict in accepted])
 
     def verify_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[Verdict[int]]:
         """Each evaluate reply's verdict: its ``num-examples`` weight, once its fields check out."""

@@ -1,0 +1,58 @@
+"""The server's mean of the accepted updates: accumulated in place from the payloads, in a fixed order."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from federation import train_reply
+
+from zk0 import transport
+from zk0.audit import AuditLog
+from zk0.config import RunConfig
+from zk0.rounds import RoundState
+from zk0.server_app import receive_train
+from zk0.strategy import SmolVLAStrategy
+
+WEIGHTS = {101: 8, 102: 3, 103: 5}
+
+
+@pytest.fixture(params=["fp32", "bf16", "int8"])
+def state(request, tmp_path, events, server_identity) -> RoundState:
+    cfg = RunConfig.flat(transport_dtype=request.param, min_train_nodes=1, local_steps=2, batch_size=4)
+    gen = torch.Generator().manual_seed(0)
+    master = {"a": torch.randn(30, 20, generator=gen), "b": torch.randn(20, generator=gen)}
+    return RoundState(cfg, master, "stats", "base", AuditLog(tmp_path), events.append, server_round=1)
+
+
+def update(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(30, 20, generator=gen) * 0.01, "b": torch.randn(20, generator=gen) * 0.01}
+
+
+def test_the_mean_is_the_weighted_mean_of_what_travelled_whatever_the_replies_order(state):
+    replies = [train_reply(state, node, update(node), {"num-examples": w}) for node, w in WEIGHTS.items()]
+    travelled = {r.metadata.src_node_id: transport.decode(r.content["arrays"], state.wire.dtype) for r in replies}
+    total = sum(WEIGHTS.values())
+    reference = {n: sum(travelled[node][n] * (w / total) for node, w in WEIGHTS.items()) for n in state.master}
+    before = {n: t.clone() for n, t in state.master.items()}
+    results = []
+    for order in itertools.permutations(replies):
+        state.master = {n: t.clone() for n, t in before.items()}
+        strategy = SmolVLAStrategy(state.cfg, state.wire)
+        receive_train(strategy, state, list(order))
+        results.append(state.master)
+    assert all(torch.allclose(results[0][n], before[n] + reference[n], rtol=1e-6, atol=1e-7) for n in before)
+    assert all(torch.equal(result[n], results[0][n]) for result in results[1:] for n in before)
+
+
+def test_each_reply_is_hashed_once_and_the_audit_records_that_digest(state, monkeypatch):
+    replies = [train_reply(state, node, update(node), {"num-examples": w}) for node, w in WEIGHTS.items()]
+    hashed = []
+    real = transport.digest
+    monkeypatch.setattr(transport, "digest", lambda record: hashed.append(1) or real(record))
+    receive_train(SmolVLAStrategy(state.cfg, state.wire), state, replies)
+    assert len(hashed) == len(replies)
+    audited = [a for a in state.audit.path.read_text().splitlines() if '"received"' in a]
+    assert all(r.content["payload"]["payload-digest"] in line for r, line in zip(replies, audited))
