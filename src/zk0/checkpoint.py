@@ -95,6 +95,7 @@ class ServerState:
     python_rng: tuple
     torch_rng: torch.Tensor
     downlink: dict = field(default_factory=dict)  # an int8 run's model chain (zk0.chain.Chain.state)
+    tuned: dict = field(default_factory=dict)  # server-optimizer moments and the tuning (mu, lr factor) state
 
     def save(self, run: RunFolder) -> None:
         """Write atomically: a crash while saving leaves the previous round's state intact."""

@@ -168,7 +168,8 @@ def train(msg: Message, context: Context) -> Message:
     update = {n: p.detach().cpu().float() - weights[n] for n, p in trainable_state(rt.policy).items()}
     arrays, seal = rt.held.seal(rt.wire, update) if rt.held else rt.wire.seal(update)
     metrics = MetricRecord({"train-loss": result.loss, "proximal": result.proximal, "grad-norm": result.grad_norm,
-                            "steps": result.steps, "lr": float(config["lr"]), "num-examples": result.frames})
+                            "steps": result.steps, "lr": float(config["lr"]),
+                            "proximal-mu": float(config["proximal-mu"]), "num-examples": result.frames})
     payload = ConfigRecord({**seal, **about(rt), **holding(rt), "server-round": int(config["server-round"])})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "payload": payload}), reply_to=msg)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 STRATEGIES = ("fedprox", "fedavg")
+SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TRANSPORT_DTYPES = ("bf16", "fp32", "int8")
 DEVICES = ("auto", "cpu", "cuda")
@@ -45,6 +46,11 @@ class FederationConfig:
     min_evaluate_nodes: int = 2
     min_stats_clients: int = 3
     round_timeout: float = 3600.0
+    server_optimizer: str = "none"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
 
     @property
     def effective_mu(self) -> float:
@@ -53,6 +59,9 @@ class FederationConfig:
 
     def validate(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)
+        _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        _fractions(server_momentum=self.server_momentum, server_beta2=self.server_beta2)
+        _positive(server_lr=self.server_lr, server_tau=self.server_tau)
         _at_least(1, num_server_rounds=self.num_server_rounds, min_stats_clients=self.min_stats_clients)
         _at_least(0, proximal_mu=self.proximal_mu, min_train_nodes=self.min_train_nodes,
                   min_evaluate_nodes=self.min_evaluate_nodes)
@@ -82,6 +91,31 @@ class TrainConfig:
         _at_least(0, lr=self.lr, grad_clip_norm=self.grad_clip_norm, warmup_rounds=self.warmup_rounds,
                   num_workers=self.num_workers)
         _fractions(lr_min_factor=self.lr_min_factor)
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """The seed's dynamic tuning (:mod:`zk0.tuning`): mu and the lr factor follow the federation's held-out loss."""
+
+    adaptive_mu: bool = False
+    mu_min: float = 0.001
+    mu_max: float = 1.0
+    mu_factor: float = 2.0
+    dynamic_lr: bool = False
+    lr_plateau_patience: int = 2
+    lr_plateau_factor: float = 0.5
+    lr_plateau_threshold: float = 0.01
+
+    def validate(self) -> None:
+        _positive(mu_min=self.mu_min)
+        if self.mu_max < self.mu_min:
+            raise ConfigError(f"run-config 'mu-max' ({self.mu_max}) must be >= 'mu-min' ({self.mu_min})")
+        if self.mu_factor <= 1:
+            raise ConfigError(f"run-config 'mu-factor' must be > 1, got {self.mu_factor}")
+        _at_least(1, lr_plateau_patience=self.lr_plateau_patience)
+        _fractions(lr_plateau_threshold=self.lr_plateau_threshold)
+        if not 0 < self.lr_plateau_factor < 1:
+            raise ConfigError(f"run-config 'lr-plateau-factor' must be in (0, 1), got {self.lr_plateau_factor}")
 
 
 @dataclass(frozen=True)
@@ -155,8 +189,8 @@ class TrackingConfig:
         _at_least(1, checkpoint_interval=self.checkpoint_interval)
 
 
-GROUPS = {"federation": FederationConfig, "train": TrainConfig, "model": ModelConfig, "data": DataConfig,
-          "eval": EvalConfig, "transport": TransportConfig, "tracking": TrackingConfig}
+GROUPS = {"federation": FederationConfig, "train": TrainConfig, "tuning": TuningConfig, "model": ModelConfig,
+          "data": DataConfig, "eval": EvalConfig, "transport": TransportConfig, "tracking": TrackingConfig}
 
 
 @dataclass(frozen=True)
@@ -170,6 +204,7 @@ class RunConfig:
     seed: int = 42
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -256,6 +291,13 @@ def _fractions(**values: float) -> None:
     for name, value in values.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"run-config {name.replace('_', '-')!r} must be in [0, 1], got {value}")
+
+
+def _positive(**values: float) -> None:
+    """Each value (named by its field) must be > 0."""
+    for name, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"run-config {name.replace('_', '-')!r} must be > 0, got {value}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

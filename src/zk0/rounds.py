@@ -33,8 +33,10 @@ from zk0.checkpoint import RunFolder, ServerState
 from zk0.config import RunConfig
 from zk0.reasons import one_line
 from zk0.report import progress_line
-from zk0.strategy import Verdict
+from zk0.server_optimizer import ServerOptimizer
+from zk0.strategy import Verdict, round_lr
 from zk0.tracking import Tracker
+from zk0.tuning import Tuning
 
 Event = Callable[[dict], None]
 SOURCES = {"train": "client", "evaluate": "client-eval"}  # phase: the source its replies' metrics are logged as
@@ -54,15 +56,25 @@ class RoundState:
     bytes_down: int = 0
     bytes_up: int = 0
     downlink: InitVar[Mapping | None] = None  # a resumed int8 run's saved chain
+    tuned: InitVar[Mapping | None] = None  # a resumed run's saved server-optimizer moments and tuning
     wire: transport.Wire = field(init=False)
     chain: Chain | None = field(init=False)  # int8 runs: the model the nodes hold
     sealed_master: Payload | None = field(init=False, default=None)  # bf16/fp32 runs: the global tensors
+    optimizer: ServerOptimizer = field(init=False)  # applies each round's mean update to the global tensors
+    tuning: Tuning = field(init=False)  # the mu and lr factor the next train messages carry
 
-    def __post_init__(self, downlink: Mapping | None) -> None:
+    def __post_init__(self, downlink: Mapping | None, tuned: Mapping | None) -> None:
         self.master = {n: t.detach().to("cpu", torch.float32).clone() for n, t in self.master.items()}
         shapes = {n: tuple(t.shape) for n, t in self.master.items()}
         self.wire = transport.Wire("server", self.fingerprint, self.cfg.transport.transport_dtype, shapes)
         self.chain = Chain(self.wire, downlink) if self.wire.dtype == "int8" else None
+        fed = self.cfg.federation
+        self.optimizer = ServerOptimizer(fed.server_optimizer, lr=fed.server_lr, beta_1=fed.server_momentum,
+                                         beta_2=fed.server_beta2, tau=fed.server_tau)
+        self.tuning = Tuning(mu=fed.effective_mu)
+        if tuned:
+            self.optimizer.load_state_dict(tuned["server-optimizer"])
+            self.tuning = Tuning.from_state_dict(tuned["tuning"])
 
     @classmethod
     def resumed(cls, saved: ServerState, cfg: RunConfig, audit: AuditLog, on_event: Event) -> RoundState:
@@ -70,12 +82,28 @@ class RoundState:
         random.setstate(saved.python_rng)
         torch.set_rng_state(saved.torch_rng)
         return cls(cfg, saved.master, saved.norm_stats, saved.fingerprint, audit, on_event, saved.server_round,
-                   downlink=saved.downlink)
+                   downlink=saved.downlink, tuned=saved.tuned)
 
     def save(self, run: RunFolder) -> None:
         """The state a resumed run continues from, after the round just completed."""
         ServerState(self.server_round, self.master, self.norm_stats, self.cfg.to_run_config(), self.fingerprint,
-                    random.getstate(), torch.get_rng_state(), self.chain.state() if self.chain else {}).save(run)
+                    random.getstate(), torch.get_rng_state(), self.chain.state() if self.chain else {},
+                    {"server-optimizer": self.optimizer.state_dict(), "tuning": self.tuning.state_dict()}).save(run)
+
+    def train_config(self) -> ConfigRecord:
+        """What this round's train messages tell clients to use: the scheduled lr times the tuning's factor, and mu."""
+        return ConfigRecord({"lr": round_lr(self.cfg, self.server_round) * self.tuning.lr_factor,
+                             "proximal-mu": self.tuning.mu})
+
+    def tune(self, summary: Mapping[str, float]) -> None:
+        """After an evaluated round: adaptive mu and the plateau lr react to the clients' mean held-out loss."""
+        rules = self.cfg.tuning
+        if not (rules.adaptive_mu or rules.dynamic_lr) or "client-eval-loss" not in summary:
+            return
+        for change in self.tuning.observe(summary["client-eval-loss"], rules):
+            log(INFO, "zk0 round %d: %s", self.server_round, change)
+        self.on_event({"round": self.server_round, "source": "server", "event": "tuning",
+                       "proximal-mu": self.tuning.mu, "lr-factor": self.tuning.lr_factor})
 
     def address(self, messages: Iterable[Message]) -> list[Message]:
         """The strategy's messages as they go: each with the global model in the form its node can use, sealed,
@@ -120,9 +148,8 @@ class RoundState:
                        "partition": about["partition-id"], "dataset": about["dataset"], **base})
 
     def apply(self, update: Mapping[str, torch.Tensor]) -> None:
-        """Add the aggregated fp32 update to the global tensors."""
-        for name, delta in update.items():
-            self.master[name].add_(delta)
+        """Move the global tensors by the aggregated fp32 update: added as it is, or through the server optimizer."""
+        self.optimizer.step(self.master, dict(update), self.server_round)
         self.sealed_master = None
         if self.chain:
             self.chain.moved()
@@ -167,8 +194,8 @@ class RoundEnd(ABC):
         self.cfg, self.tracker, self.sim_tasks = cfg, tracker, sim_tasks
         self.started = time.monotonic()
 
-    def __call__(self, server_round: int, traffic: dict[str, int]) -> None:
-        """End ``server_round``; ``traffic`` is its bytes sent and received."""
+    def __call__(self, server_round: int, traffic: dict[str, int]) -> dict[str, float]:
+        """End ``server_round``; ``traffic`` is its bytes sent and received. Returns the round's summary."""
         evaluating, checkpointing = self.cfg.evaluates(server_round), self.cfg.checkpoints(server_round)
         sim_evaluating = bool(self.sim_tasks) and self.cfg.sim_evaluates(server_round)
         if evaluating or sim_evaluating or checkpointing:
@@ -184,6 +211,7 @@ class RoundEnd(ABC):
         if checkpointing:
             self.checkpoint(server_round, summary)
         log(INFO, "%s", progress_line(server_round, self.cfg.federation.num_server_rounds, summary))
+        return summary
 
     def prepare(self) -> None:
         """Called once before a round's evaluations and checkpoint; a subclass that loads per model needs nothing."""

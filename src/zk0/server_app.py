@@ -115,12 +115,12 @@ def run_rounds(grid: Grid, strategy: SmolVLAStrategy, state: RoundState, round_e
         state.server_round = server_round
         if server_round:
             log(INFO, "zk0 round %d/%d", server_round, state.cfg.federation.num_server_rounds)
-            messages = state.address(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+            messages = state.address(strategy.configure_train(server_round, ArrayRecord(), state.train_config(), grid))
             receive_train(strategy, state, exchange(grid, state, "train", messages))
         messages = state.address(strategy.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
         if messages:
             receive_evaluate(strategy, state, exchange(grid, state, "evaluate", messages))
-        round_end(server_round, state.traffic())
+        state.tune(round_end(server_round, state.traffic()))
         state.save(run)
 
 

@@ -2,8 +2,9 @@
 
 Extends Flower's ``FedAvg`` where the earlier design fell short:
 
-* per-round values (learning rate, proximal mu) are computed here and sent in the round
-  config; clients use what they receive;
+* per-round values (learning rate, proximal mu) are computed by the server (the lr schedule
+  here, the tuning in :mod:`zk0.tuning`) and sent in the round config; clients use what they
+  receive;
 * the server sends the global trainable tensors sealed in the transport dtype; clients answer
   with their *update* (trained minus received), so bf16 or int8 transport does not swallow
   small steps; :meth:`SmolVLAStrategy.aggregate_train` returns the updates' fp32 mean, weighted
@@ -108,13 +109,6 @@ class SmolVLAStrategy(FedAvg):
         self.cfg, self.wire = cfg, wire
         self.scratch = transport.scratch_for(wire.shapes)  # one decoded block at a time
         self.mean: dict[str, torch.Tensor] = {}  # the last round's mean: fp32 buffers reused every round
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        """Add this round's lr and mu to the sealed payload's config."""
-        config = ConfigRecord({**config, "lr": round_lr(self.cfg, server_round),
-                               "proximal-mu": self.cfg.federation.effective_mu})
-        return list(super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
