@@ -107,3 +107,28 @@ def test_datasets_progress_bars_stay_off_after_lerobot_reads_metadata():
     with SuppressProgressBars():
         pass
     assert not datasets.is_progress_bar_enabled()
+
+
+def test_flowers_sampling_lines_stay_off_the_console_and_in_the_run_log(tmp_path):
+    """The console handler the ServerApp prints through drops Flower's per-phase sampling lines; zk0.log keeps them."""
+    import io
+    from logging import INFO, WARNING
+
+    from flwr.common.logger import console_handler, log
+
+    logs.quiet_flower_sampling()
+    logs.quiet_flower_sampling()  # idempotent: one filter however often a process asks
+    assert sum(isinstance(f, logs.NotSampling) for f in console_handler.filters) == 1
+    console = io.StringIO()
+    previous = console_handler.setStream(console)
+    try:
+        with logs.run_log(tmp_path):
+            log(INFO, "configure_train: Sampled %s nodes (out of %s)", 2, 4)
+            log(INFO, "configure_evaluate: Sampled %s nodes (out of %s)", 2, 4)
+            log(INFO, "zk0 round %d/%d", 1, 3)
+            log(WARNING, "configure_train: Sampled %s nodes (out of %s)", 0, 4)
+    finally:
+        console_handler.setStream(previous)
+    shown = logs.ANSI.sub("", console.getvalue())
+    assert "zk0 round 1/3" in shown and "Sampled 2 nodes" not in shown and "Sampled 0 nodes" in shown
+    assert (tmp_path / logs.RUN_LOG).read_text().count("Sampled 2 nodes (out of 4)") == 2

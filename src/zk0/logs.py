@@ -29,6 +29,7 @@ RUN_LOG = "zk0.log"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # a terminal control sequence (colours, cursor moves)
 ANSI_BYTES = re.compile(ANSI.pattern.encode())
+FLOWER_SAMPLING = ("configure_train: Sampled", "configure_evaluate: Sampled")  # Flower's FedAvg, every phase
 
 
 class LoggingError(ValueError):
@@ -97,6 +98,22 @@ def ffmpeg_quiet() -> Iterator[None]:
         yield
     finally:
         av.logging.set_libav_level(av.logging.ERROR)
+
+
+class NotSampling(logging.Filter):
+    """Flower's strategy says how many nodes it sampled before every phase of every round; zk0's own round line
+    and the round's record say who took part, so the console leaves those lines to the run's log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not str(record.msg).startswith(FLOWER_SAMPLING)
+
+
+def quiet_flower_sampling() -> None:
+    """Keep Flower's per-phase sampling lines off its console handler (``zk0.log`` still has them)."""
+    from flwr.common.logger import console_handler
+
+    if not any(isinstance(f, NotSampling) for f in console_handler.filters):
+        console_handler.addFilter(NotSampling())
 
 
 def quiet_libraries() -> None:

@@ -24,7 +24,7 @@ from zk0.data import decode_stats, feature_sizes, open_full, outliers, pool_repo
 from zk0.evaluate import evaluate_dataset
 from zk0.flower_seams import deployed, set_reply_sender
 from zk0.hub import push_at_end
-from zk0.logs import quiet_libraries, run_log
+from zk0.logs import quiet_flower_sampling, quiet_libraries, run_log
 from zk0.model_card import model_card
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.registry import Registry, load_registry
@@ -50,6 +50,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run (or resume) ``num-server-rounds`` rounds and leave everything in the run folder."""
     cfg = RunConfig.from_run_config(context.run_config)
     quiet_libraries()
+    quiet_flower_sampling()
     registry = load_registry(cfg.data.datasets, cfg.data.registry)
     closed_loop_tasks(cfg, registry)  # a config that cannot work fails before any work
     policy = build_policy(cfg, cfg.eval.server_device)
