@@ -99,11 +99,12 @@ def real_world_features(image_size: int, cameras: tuple[str, ...], action_dim: i
 
 
 def generate(task: SyntheticTask, root: Path, episodes: int, frames: int, image_size: int, seed: int,
-             cameras: tuple[str, ...] = CAMERAS, fps: int = FPS, action_dim: int = 6) -> Path:
+             cameras: tuple[str, ...] = CAMERAS, fps: int = FPS, action_dim: int = 6, vcodec: str = "h264") -> Path:
     """Write a LeRobotDataset for ``task`` at ``root`` (atomically: a staging folder is renamed).
 
     ``cameras`` names the video cameras (one named ``wrist`` renders the wrist view, any other the
-    front view); ``fps`` and ``action_dim`` make datasets a policy must refuse.
+    front view); ``fps`` and ``action_dim`` make datasets a policy must refuse; ``vcodec="libsvtav1"``
+    encodes as LeRobot does by default (and real hub datasets are).
     """
     from lerobot.configs.video import RGBEncoderConfig
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -114,7 +115,7 @@ def generate(task: SyntheticTask, root: Path, episodes: int, frames: int, image_
     ds = LeRobotDataset.create(repo_id=f"zk0/{root.name}", fps=fps,
                                features=real_world_features(image_size, cameras, action_dim),
                                root=staging, robot_type=ROBOT_TYPE, use_videos=True, video_backend="pyav",
-                               rgb_encoder=RGBEncoderConfig(vcodec="h264"))  # quieter than SVT-AV1
+                               rgb_encoder=RGBEncoderConfig(vcodec=vcodec))  # h264: quieter than SVT-AV1
     rng = np.random.default_rng(seed)
     for _ in range(episodes):
         traj = _trajectory(task, rng, frames + 1)

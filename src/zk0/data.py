@@ -22,6 +22,7 @@ from lerobot.datasets.utils import CompatibilityError
 from lerobot.datasets.video_utils import decode_video_frames
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 
+from zk0.frames import serve_frames
 from zk0.logs import ffmpeg_quiet
 from zk0.policy import POLICY_FPS
 from zk0.registry import DatasetEntry
@@ -219,10 +220,11 @@ def open_split(entry: DatasetEntry, policy_cfg: SmolVLAConfig, held_out_fraction
 
 
 def _load(meta: LeRobotDatasetMetadata, policy_cfg: SmolVLAConfig, episodes: list[int] | None = None) -> LeRobotDataset:
-    """The dataset (or some of its episodes) with action chunks of the policy's length."""
+    """The dataset (or some of its episodes) with action chunks of the policy's length, its videos opened
+    once per process (:mod:`zk0.frames`)."""
     delta = {ACTION: [i / meta.fps for i in range(policy_cfg.chunk_size)]}
-    return LeRobotDataset(meta.repo_id, root=meta.root, episodes=episodes, delta_timestamps=delta,
-                          video_backend="pyav")
+    return serve_frames(LeRobotDataset(meta.repo_id, root=meta.root, episodes=episodes, delta_timestamps=delta,
+                                       video_backend="pyav"))
 
 
 def vector_stats(dataset: LeRobotDataset) -> dict[str, dict[str, np.ndarray]]:
@@ -340,8 +342,15 @@ def rename_cameras(batch: dict, cameras: dict[str, str]) -> dict:
 
 
 def train_loader(dataset: LeRobotDataset, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """A shuffling loader with its own generator, kept resident by the client across rounds."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=False,
+    """A shuffling loader, kept resident by the client across rounds.
+
+    The order comes from the sampler's own generator alone, which :func:`batches` reseeds. The
+    DataLoader draws a worker seed from its generator on every new iterator but not when
+    persistent workers restart: sharing one generator made the order depend on ``num_workers``
+    and on whether the run had been resumed.
+    """
+    sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator())
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
                                        generator=torch.Generator(), num_workers=num_workers,
                                        persistent_workers=num_workers > 0)
 
@@ -350,9 +359,9 @@ def batches(loader: torch.utils.data.DataLoader, seed: int, cameras: dict[str, s
     """An endless stream of shuffled batches whose order depends on ``seed`` only.
 
     Clients reseed it every round (from seed, round and partition), so a resumed run sees
-    the very batches an uninterrupted one would have seen.
+    the very batches an uninterrupted one would have seen, whatever ``num-workers``.
     """
-    loader.generator.manual_seed(seed)
+    loader.sampler.generator.manual_seed(seed)
     while True:
         for batch in loader:
             yield rename_cameras(batch, cameras)
