@@ -39,6 +39,18 @@ def crash_in_round(server_round: int):
     return intercept
 
 
+def whole_and_resumed(run_config, tmp_path: Path, crash_round: int, **knobs) -> tuple[Path, Path]:
+    """The run of ``knobs`` uninterrupted, and killed in ``crash_round`` then resumed (a new grid: clients start
+    afresh): the two run folders."""
+    whole, _ = run_federation(run_config(**knobs, output_dir=str(tmp_path / "whole")))
+    config = run_config(**knobs, output_dir=str(tmp_path / "crashed"))
+    with pytest.raises(ServerCrash):
+        run_federation(config, intercept=crash_in_round(crash_round))
+    (crashed,) = (tmp_path / "crashed").iterdir()
+    resumed, _ = run_federation({**config, "resume-from": str(crashed)})
+    return whole, resumed
+
+
 def _round(reply: Message) -> int:
     return int(reply.content["payload"]["server-round"])
 

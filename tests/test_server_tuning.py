@@ -7,7 +7,7 @@ import pytest
 import torch
 from federation import final_master, run_federation
 from flwr.app import Message, MessageType
-from test_resilience import ServerCrash, crash_in_round
+from test_resilience import whole_and_resumed
 
 from zk0 import transport
 from zk0.config import RunConfig
@@ -74,12 +74,7 @@ def test_adaptive_mu_and_plateau_lr_reach_the_clients(run_config):
 def test_a_resumed_run_keeps_the_optimizer_and_tuning_state_bit_identically(run_config, tmp_path):
     knobs = {"num_server_rounds": 3, "server_optimizer": "fedyogi", "server_lr": 0.02, "adaptive_mu": True,
              "dynamic_lr": True, "lr_plateau_patience": 1}
-    whole, _ = run_federation(run_config(**knobs, output_dir=str(tmp_path / "whole")))
-    config = run_config(**knobs, output_dir=str(tmp_path / "crashed"))
-    with pytest.raises(ServerCrash):
-        run_federation(config, intercept=crash_in_round(3))
-    (crashed,) = (tmp_path / "crashed").iterdir()
-    resumed, _ = run_federation({**config, "resume-from": str(crashed)})
+    whole, resumed = whole_and_resumed(run_config, tmp_path, 3, **knobs)
     a, b = final_master(whole), final_master(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
     saved = torch.load(resumed / "server_state.pt", weights_only=True)["tuned"]
