@@ -10,7 +10,8 @@ from rich.table import Table
 COLUMNS = [("round", "round"), ("train-loss", "client train loss"), ("client-eval-loss", "held-out loss"),
            ("client-eval-mae", "held-out MAE"), ("server-eval-loss", "unseen loss"),
            ("server-eval-mae", "unseen MAE"), ("sim-success", "sim success"), ("bytes-down", "sent"),
-           ("bytes-up", "received"), ("rejected", "rejected")]
+           ("bytes-up", "received"), ("rejected", "rejected"), ("epsilon", "ε")]
+OPTIONAL = {"epsilon"}  # columns a run without them leaves out (ε: dp runs)
 
 
 def human_bytes(n: float) -> str:
@@ -44,10 +45,11 @@ def progress_line(server_round: int, num_rounds: int, summary: dict[str, float])
 def summary_table(rows: list[dict[str, float]]) -> list[str]:
     """The per-round summary as text lines (rendered with rich, logged line by line)."""
     table = Table(title="zk0 run summary (means over clients / datasets)")
-    for _, label in COLUMNS:
+    columns = [(key, label) for key, label in COLUMNS if key not in OPTIONAL or any(key in row for row in rows)]
+    for _, label in columns:
         table.add_column(label, justify="right")
     for row in rows:
-        table.add_row(*[_cell(key, row.get(key)) for key, _ in COLUMNS])
+        table.add_row(*[_cell(key, row.get(key)) for key, _ in columns])
     return table_lines(table, width=160)
 
 

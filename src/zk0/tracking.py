@@ -79,6 +79,8 @@ def round_summary(records: list[dict], server_round: int) -> dict[str, float]:
     for r in rows:
         if r.get("event") == "round":
             out.update({k: r[k] for k in ("bytes-down", "bytes-up", "seconds") if k in r})
+        if r.get("event") == "privacy":
+            out["epsilon"] = r["epsilon"]
     out["rejected"] = sum(1 for r in rows if r.get("event") == "rejected-update")
     return out
 
@@ -108,6 +110,11 @@ def write_charts(run_dir: Path) -> list[Path]:
     if series:
         written.append(_plot(plt, series, f"Training loss per client — {run}", "flow-matching loss",
                              charts / "train_loss.png"))
+    series = _series([r for r in records if r.get("event") == "privacy"], "server", "epsilon")
+    if series:
+        delta = next(r["delta"] for r in records if r.get("event") == "privacy")
+        written.append(_plot(plt, {"spent": series["global"]}, f"Privacy spent — {run}", f"ε at δ={delta:g}",
+                             charts / "privacy_epsilon.png"))
     series = _series([r for r in records if r.get("event") == "sim-eval"], "server", "success-rate")
     if series:
         written.append(_plot(plt, series, f"Closed-loop success per simulator task — {run}", "success rate",
