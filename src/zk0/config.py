@@ -18,6 +18,7 @@ from typing import Any
 
 STRATEGIES = ("fedprox", "fedavg")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
+AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum")  # how the server combines a round's updates (zk0.robust)
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TRANSPORT_DTYPES = ("bf16", "fp32", "int8")
 DEVICES = ("auto", "cpu", "cuda")
@@ -51,6 +52,9 @@ class FederationConfig:
     server_momentum: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    aggregation: str = "mean"
+    trim_fraction: float = 0.25
+    byzantine_clients: int = 1
 
     @property
     def effective_mu(self) -> float:
@@ -60,6 +64,8 @@ class FederationConfig:
     def validate(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        self._validate_robust()
         _fractions(server_momentum=self.server_momentum, server_beta2=self.server_beta2)
         _positive(server_lr=self.server_lr, server_tau=self.server_tau)
         _at_least(1, num_server_rounds=self.num_server_rounds, min_stats_clients=self.min_stats_clients)
@@ -68,6 +74,17 @@ class FederationConfig:
         _fractions(fraction_train=self.fraction_train, fraction_evaluate=self.fraction_evaluate)
         if self.round_timeout <= 0:
             raise ConfigError(f"run-config 'round-timeout' must be > 0 seconds, got {self.round_timeout}")
+
+    def _validate_robust(self) -> None:
+        """``trim-fraction`` in [0, 0.5) as Flower's ``trim_mean`` requires, and a trimmed mean that trims at all
+        when it must withstand hostile clients (whether a round has enough updates is known only in the round)."""
+        _at_least(0, byzantine_clients=self.byzantine_clients)
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"run-config 'trim-fraction' must be in [0, 0.5), got {self.trim_fraction}")
+        if self.aggregation == "trimmed-mean" and self.byzantine_clients and not self.trim_fraction:
+            raise ConfigError("run-config 'trim-fraction' = 0 trims nothing, so aggregation=trimmed-mean cannot "
+                              f"withstand byzantine-clients={self.byzantine_clients}; set trim-fraction > 0")
+
 
 
 @dataclass(frozen=True)

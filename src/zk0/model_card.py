@@ -270,9 +270,24 @@ def _training(run_config: dict, config: dict) -> str:
             + f"\n\nWhat travelled: {run_config['transport-dtype']} trainable tensors (the frozen vision-language "
             f"base stays on each machine, fingerprint `{config.get('base-fingerprint', '?')[:16]}`), each payload "
             f"with a SHA-256 digest both sides check; updates above a norm of {run_config['max-update-norm']} and "
-            f"implausible replies were rejected; pooled normalisation statistics needed at least "
-            f"{run_config.get('min-stats-clients', '?')} contributors. A deployment runs over TLS with registered "
-            f"node keys. No differential privacy. The full config is in the run folder's `config.json`.")
+            f"implausible replies were rejected; {_aggregation(run_config, config)}pooled normalisation statistics "
+            f"needed at least {run_config.get('min-stats-clients', '?')} contributors. A deployment runs over TLS "
+            f"with registered node keys. No differential privacy. The full config is in the run folder's "
+            "`config.json`.")
+
+
+def _aggregation(run_config: dict, config: dict) -> str:
+    """How the server combined each round's updates (``aggregation``; a run from before it was a key: the mean)."""
+    if config.get("mode") in ("centralized", "local"):
+        return ""
+    rule = run_config.get("aggregation", "mean")
+    if rule == "mean":
+        return "each round's updates were averaged, weighted by the frames each client trained on (no robust rule); "
+    how = {"trimmed-mean": f"a coordinate-wise trimmed mean (`trim-fraction={run_config.get('trim-fraction')}`)",
+           "median": "their coordinate-wise median",
+           "krum": "Krum (each round, the one update nearest its n - f - 2 closest others)"}[rule]
+    return (f"each round's updates were combined by {how}, `aggregation={rule}`, to withstand "
+            f"`byzantine-clients={run_config.get('byzantine-clients')}` hostile update(s) a round; ")
 
 
 def _use() -> str:

@@ -8,7 +8,8 @@ Extends Flower's ``FedAvg`` where the earlier design fell short:
 * the server sends the global trainable tensors sealed in the transport dtype; clients answer
   with their *update* (trained minus received), so bf16 or int8 transport does not swallow
   small steps; :meth:`SmolVLAStrategy.aggregate_train` returns the updates' fp32 mean, weighted
-  by ``num-examples``, and the round loop (:mod:`zk0.rounds`) adds it to the fp32 global tensors;
+  by ``num-examples`` (or, with ``aggregation`` set, a robust rule's aggregate: :mod:`zk0.robust`),
+  and the round loop (:mod:`zk0.rounds`) adds it to the fp32 global tensors;
 * each reply is hashed once, when it is verified (the audit reuses that digest), and measured
   once (its norm, which is finite only if every value is); the mean is then accumulated in
   place, update by update, from the payloads' bytes into fp32 buffers the strategy keeps;
@@ -34,14 +35,16 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from logging import INFO
 from typing import NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from zk0 import transport
+from zk0 import robust, transport
 from zk0.config import RunConfig
 from zk0.data import parse_stats
 from zk0.dataset_facts import FactsError, checked_facts
@@ -150,21 +153,45 @@ class SmolVLAStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         verdicts: list[Verdict[Update]]) -> tuple[dict[str, torch.Tensor], MetricRecord]:
-        """The accepted updates' fp32 mean weighted by ``num-examples``, and their mean metrics.
+        """The accepted updates' fp32 aggregate, and their mean metrics.
 
-        The mean's tensors are the strategy's own buffers, overwritten by the next call: apply them first.
+        ``aggregation=mean``: their mean weighted by ``num-examples``, accumulated in place; a robust rule
+        (:mod:`zk0.robust`) ignores the weights, as Flower's do. The aggregate's tensors are the strategy's
+        own buffers, overwritten by the next call: apply them first.
         """
         accepted = passed(verdicts)
-        if len(accepted) < max(1, self.cfg.federation.min_train_nodes):
-            raise RoundFailed(f"round {server_round}: {len(accepted)} valid update(s), fewer than "
-                              f"min-train-nodes={self.cfg.federation.min_train_nodes}; stopping rather than "
-                              "aggregating too few clients")
+        self._check_enough(server_round, len(accepted))
         accepted.sort(key=lambda verdict: sender(verdict.reply, "payload"))  # a fixed order: same inputs, same bits
-        total = sum(weight for _, weight in (verdict.value for verdict in accepted))
+        updates = [verdict.value for verdict in accepted]
         self.mean = self.mean or {name: torch.empty(shape) for name, shape in self.wire.shapes.items()}
-        for i, (arrays, weight) in enumerate(verdict.value for verdict in accepted):
-            transport.accumulate(self.mean, arrays, self.wire.dtype, weight / total, self.scratch, start=i == 0)
+        fed = self.cfg.federation
+        if fed.aggregation == "mean":
+            total = sum(weight for _, weight in updates)
+            for i, (arrays, weight) in enumerate(updates):
+                transport.accumulate(self.mean, arrays, self.wire.dtype, weight / total, self.scratch, start=i == 0)
+        else:
+            chosen = robust.aggregate(fed.aggregation, [arrays for arrays, _ in updates], self.wire.dtype, self.mean,
+                                      fed.byzantine_clients, fed.trim_fraction)
+            if chosen is not None:
+                log(INFO, "round %d: krum kept the update of node %s (of %d)", server_round,
+                    accepted[chosen].reply.metadata.src_node_id, len(accepted))
         return self.mean, _mean_metrics([verdict.reply for verdict in accepted])
+
+    def _check_enough(self, server_round: int, valid: int) -> None:
+        """Raise :class:`RoundFailed` unless ``valid`` updates reach ``min-train-nodes`` and what the robust rule
+        needs to withstand ``byzantine-clients`` hostile ones."""
+        fed = self.cfg.federation
+        if valid < max(1, fed.min_train_nodes):
+            raise RoundFailed(f"round {server_round}: {valid} valid update(s), fewer than min-train-nodes="
+                              f"{fed.min_train_nodes}; stopping rather than aggregating too few clients")
+        needed = robust.min_updates(fed.aggregation, fed.byzantine_clients, fed.trim_fraction)
+        if valid < needed:
+            trims = (f" (trim-fraction={fed.trim_fraction} drops {int(fed.trim_fraction * valid)} of {valid} at "
+                     "each end)" if fed.aggregation == "trimmed-mean" else "")
+            raise RoundFailed(f"round {server_round}: {valid} valid update(s), too few for aggregation="
+                              f"{fed.aggregation} to withstand byzantine-clients={fed.byzantine_clients}: it needs "
+                              f"{needed}{trims}; set min-train-nodes={needed} and connect that many nodes, or lower "
+                              "byzantine-clients")
 
     def verify_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[Verdict[int]]:
         """Each evaluate reply's verdict: its ``num-examples`` weight, once its fields check out."""
