@@ -207,7 +207,7 @@ def test_clients_build_policy_and_data_once_per_run(run_config, monkeypatch):
     run_dir, grid = run_federation(config, num_nodes=1)
     assert calls == {"policy": 1, "split": 1}
     runtime = client_app._RUNTIMES[(grid.run_id, 101)]
-    assert len(runtime.processors) == 1
+    assert len(runtime.shared.processors) == 1
 
 
 def test_server_evaluates_in_the_simulator_every_sim_eval_every_rounds(run_config):

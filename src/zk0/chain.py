@@ -19,11 +19,13 @@ chain began with, then ``sha256(previous id | delta digest)`` per step: both end
 and a node refuses a delta or ``unchanged`` whose base is not the model it holds (one line:
 the server, unconfirmed, sends full weights next time).
 
-A node (:class:`Held`) keeps that model, its id, and the residual of its own int8 updates
+A node (:class:`Held`) keeps the id of that model and the residual of its own int8 updates
 (error feedback on the uplink): it sends int8 of (trained − received + residual), and what
 int8 could not carry is the next residual, so over rounds the server receives the sum of the
 true updates minus one residual. The residual is reset when the model is replaced: a full
-payload of a model other than the one held (the node's first, or after it lost track).
+payload of a model other than the one held (the node's first, or after it lost track). The
+model itself lies in a :class:`Latest` that the nodes of one process share: every virtual
+client of a simulation process receives the same chain, so one copy serves them all.
 
 After a resume the server knows no node's model (a resumed run is a new Flower run, whose
 clients start afresh): the first message to every node is the saved chain in full
@@ -118,12 +120,32 @@ class Chain:
 
 
 @dataclass
-class Held:
-    """A node's end: the model it holds (bf16), its id, and the residual of its int8 updates."""
+class Latest:
+    """The last model any node of one process received, by id: the one copy its nodes' ids point at.
 
+    Holding the last one is enough: a server steps its chain only forward, so a node is sent a delta
+    onto the model it holds only while that model, or the delta's result, is the last one here.
+    """
+
+    model_id: str = ""
     model: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def get(self, model_id: str) -> dict[str, torch.Tensor] | None:
+        return self.model if model_id and model_id == self.model_id else None
+
+
+@dataclass
+class Held:
+    """A node's end: the id of the model it holds (bf16, in ``latest``), and the residual of its int8 updates."""
+
+    latest: Latest = field(default_factory=Latest)
     model_id: str = ""
     residual: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def model(self) -> dict[str, torch.Tensor]:
+        """The model this node holds (empty once another model replaced it in ``latest``)."""
+        return self.latest.get(self.model_id) or {}
 
     def receive(self, wire: Wire, arrays: ArrayRecord, seal: Mapping) -> dict[str, torch.Tensor]:
         """Verify one downlink payload and apply it; the model now held, in fp32."""
@@ -132,17 +154,24 @@ class Held:
         if kind == "full":
             if claimed != self.model_id:
                 self.residual = {}
-            self.model, self.model_id = bf16(received), claimed
+            self.latest.model_id, self.latest.model = claimed, bf16(received)
+            self.model_id = claimed
             return received
         if seal["base-model"] != self.model_id:
             raise PayloadError(f"server sent a {kind} model for {str(seal['base-model'])[:12] or 'none'}, this node "
                                f"holds {self.model_id[:12] or 'none'}: it gets full weights next time")
-        model, model_id = self.model, self.model_id
-        if kind == "delta":
-            model, model_id = advanced(model, received), next_id(model_id, str(seal["payload-digest"]))
+        model_id = next_id(self.model_id, str(seal["payload-digest"])) if kind == "delta" else self.model_id
         if model_id != claimed:
             raise PayloadError(f"the {kind} model here is {model_id[:12]}, the server's is {claimed[:12]}")
-        self.model, self.model_id = model, model_id
+        model = self.latest.get(model_id)  # another node of this process got there first
+        if model is None:
+            base = self.latest.get(self.model_id) if kind == "delta" else None
+            if base is None:
+                raise PayloadError(f"this process no longer holds model {self.model_id[:12]}: "
+                                   "it gets full weights next time")
+            model = advanced(base, received)
+            self.latest.model_id, self.latest.model = model_id, model
+        self.model_id = model_id
         return {name: t.float() for name, t in model.items()}
 
     def seal(self, wire: Wire, update: Mapping[str, torch.Tensor]) -> Payload:

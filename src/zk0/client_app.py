@@ -1,8 +1,10 @@
 """ClientApp: local training and held-out evaluation on one robot owner's dataset.
 
-The policy, its processors and the data loader stay resident in the process between
-rounds (keyed by run and node), so a round costs training, not start-up. In an int8 run
-so do the model the node holds and the residual of its updates (:class:`zk0.chain.Held`).
+What a client needs between rounds stays resident in the process, so a round costs training,
+not start-up. Flower's simulation runs many virtual clients in one process, so what every
+client of a run needs alike lives once per process and run (:class:`SharedPolicy`: the policy,
+its wire and processors, an int8 run's last global model), and each client keeps only its own
+(:class:`ClientRuntime`: its dataset split and loader, an int8 run's model id and residual).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import DEBUG, ERROR, INFO
@@ -22,7 +25,7 @@ from flwr.common.logger import log
 from lerobot.policies.factory import make_pre_post_processors
 
 from zk0 import transport
-from zk0.chain import Held
+from zk0.chain import Held, Latest
 from zk0.config import RunConfig
 from zk0.data import (DatasetSplit, batches, decode_stats, describe_cameras, encode_stats, open_split,
                       train_loader, vector_stats)
@@ -39,17 +42,21 @@ CLIENT_ERROR = 100  # Error.code of a reply whose handler failed; the reason is 
 
 
 @dataclass
-class ClientRuntime:
-    """Everything a client keeps between rounds."""
+class SharedPolicy:
+    """What the virtual clients of one run share in a process: the policy (frozen base and trainable tensors),
+    its wire, the pre/post processors of the federation's stats, and an int8 run's last global model.
 
-    cfg: RunConfig
-    partition_id: int
+    Flower hands a process one message at a time (a simulation's Ray actor runs one ClientApp
+    call, then the next; a deployment's ClientApp serves one node), so its clients take turns with
+    the policy: every message loads the global weights it received before it trains or evaluates
+    (:func:`receive_global`), and training builds its optimizer afresh (:func:`zk0.train.train_steps`),
+    so nothing one client trained reaches another's round.
+    """
+
     policy: torch.nn.Module
-    split: DatasetSplit
     wire: transport.Wire
-    loader: torch.utils.data.DataLoader
+    latest: Latest | None  # an int8 run's last global model, the one copy its clients' model ids point at
     processors: dict[str, tuple] = field(default_factory=dict)
-    held: Held | None = None  # an int8 run's model and residual
 
     def pre_post(self, norm_stats: str) -> tuple:
         """Pre/post processors for the federation's normalisation stats (built once per stats)."""
@@ -60,7 +67,33 @@ class ClientRuntime:
         return self.processors[key]
 
 
+@dataclass
+class ClientRuntime:
+    """What one client keeps between rounds: its own data, an int8 run's model id and residual, and the
+    run's :class:`SharedPolicy` (whose policy, wire and processors the handlers reach through it)."""
+
+    cfg: RunConfig
+    partition_id: int
+    shared: SharedPolicy
+    split: DatasetSplit
+    loader: torch.utils.data.DataLoader
+    held: Held | None = None  # an int8 run's model id and residual
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.shared.policy
+
+    @property
+    def wire(self) -> transport.Wire:
+        return self.shared.wire
+
+    def pre_post(self, norm_stats: str) -> tuple:
+        return self.shared.pre_post(norm_stats)
+
+
 _RUNTIMES: dict[tuple[int, int], ClientRuntime] = {}
+# A run's shared policy lives while one of its clients' runtimes does (a deployment's worker drops a finished run's).
+_SHARED: weakref.WeakValueDictionary[tuple, SharedPolicy] = weakref.WeakValueDictionary()
 
 
 def dataset_entry(cfg: RunConfig, context: Context) -> tuple[int, DatasetEntry]:
@@ -80,16 +113,32 @@ def runtime(context: Context) -> ClientRuntime:
         quiet_libraries()
         cfg = RunConfig.from_run_config(context.run_config)
         partition_id, entry = dataset_entry(cfg, context)
+        shared = shared_policy(context.run_id, cfg)
+        policy_cfg = shared.policy.config
+        split = open_split(entry, policy_cfg, cfg.data.held_out_fraction, cfg.data.split_seed)
+        log(camera_log_level(context, split, policy_cfg), "zk0 client %s: cameras %s", split.entry.name,
+            describe_cameras(split.entry.cameras, split.meta, policy_cfg))
+        _RUNTIMES[key] = ClientRuntime(cfg, partition_id, shared, split,
+                                       train_loader(split.train, cfg.train.batch_size, cfg.train.num_workers),
+                                       held=None if shared.latest is None else Held(shared.latest))
+    return _RUNTIMES[key]
+
+
+def shared_policy(run_id: int, cfg: RunConfig) -> SharedPolicy:
+    """This process's policy of run ``run_id``, built by the run's first client here.
+
+    Keyed by what builds the policy and its wire (model, chunk size, seed, device, transport dtype)
+    as well as the run: a run restarted under the same id with another model gets its own.
+    """
+    key = (run_id, cfg.model.model_name, cfg.model.chunk_size, cfg.seed, cfg.train.device,
+           cfg.transport.transport_dtype)
+    shared = _SHARED.get(key)
+    if shared is None:
         policy = build_policy(cfg)
-        split = open_split(entry, policy.config, cfg.data.held_out_fraction, cfg.data.split_seed)
-        log(camera_log_level(context, split, policy.config), "zk0 client %s: cameras %s", split.entry.name,
-            describe_cameras(split.entry.cameras, split.meta, policy.config))
         wire = transport.Wire("client", base_fingerprint(policy), cfg.transport.transport_dtype,
                               trainable_shapes(policy))
-        _RUNTIMES[key] = ClientRuntime(cfg, partition_id, policy, split, wire,
-                                       train_loader(split.train, cfg.train.batch_size, cfg.train.num_workers),
-                                       held=Held() if wire.dtype == "int8" else None)
-    return _RUNTIMES[key]
+        shared = _SHARED[key] = SharedPolicy(policy, wire, Latest() if wire.dtype == "int8" else None)
+    return shared
 
 
 def camera_log_level(context: Context, split: DatasetSplit, policy_cfg: Any) -> int:
