@@ -98,3 +98,20 @@ def test_the_residual_survives_a_full_copy_of_the_held_model_but_not_a_new_model
     assert held.residual
     send(Chain(wire("server")), 101, model(2), held)  # another model
     assert held.residual == {}
+
+
+def test_the_residual_survives_the_full_model_one_step_on_from_the_held_one():
+    """A server saved before its chain stepped to the next model (a round whose end is pending) sends that model
+    in full after a resume, naming the step: a node holding the model it stepped from keeps its residual."""
+    chain, kept, forged = Chain(wire("server")), Held(), Held()
+    for node, held in ((101, kept), (102, forged)):
+        send(chain, node, model(0), held)
+        held.seal(wire("client"), model(node, 1e-3))
+    chain.moved()
+    arrays, seal = Chain(wire("server"), chain.state()).payload(101, model(3))
+    assert seal["downlink"] == "full" and seal["follows"] == kept.model_id
+    residual = dict(kept.residual)
+    kept.receive(wire("client"), arrays, seal)
+    assert kept.model_id == seal["model-id"] and all(torch.equal(residual[n], kept.residual[n]) for n in residual)
+    forged.receive(wire("client"), arrays, {**seal, "step-digest": "0" * 64})  # a step that makes another model
+    assert forged.residual == {}

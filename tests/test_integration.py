@@ -80,7 +80,7 @@ def test_every_server_payload_carries_a_valid_digest_and_fingerprint(federation)
     config, _, grid = federation
     fingerprint = base_fingerprint(build_policy(RunConfig.from_run_config(config)))
     payloads = [m for m in grid.sent if m.metadata.message_type != MessageType.QUERY]
-    assert len(payloads) == 10  # (round-0 evaluate + 2 rounds x (train + evaluate)) x 2 nodes
+    assert len(payloads) == 6  # (2 rounds of train, each evaluating the model it carries first, + evaluate) x 2 nodes
     for msg in payloads:
         cfg = msg.content["config"]
         assert cfg["payload-digest"] == transport.digest(msg.content["arrays"])

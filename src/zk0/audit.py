@@ -5,7 +5,10 @@ resumed run is attempt 2, 3, …: rounds a crashed attempt began appear once per
 ``round``, ``phase`` (query|train|evaluate), ``node``,
 ``direction`` (sent|received|missing), the payload's SHA-256 ``digest`` and ``bytes``
 where there is a payload, and for replies ``status`` (accepted|rejected) and ``reason``.
-It answers, after the fact, which node got which weights and whose update was used.
+It answers, after the fact, which node got which weights and whose update was used. A train
+message that also asks for the evaluation of the model it carries (the previous round's) is
+marked ``evaluate-first``; the evaluation its reply carries is a received row of that previous
+round's evaluate phase, without a payload.
 A reason is stored as one short line without local paths, whatever the node sent.
 """
 
@@ -35,9 +38,11 @@ class AuditLog:
                                  **record})
 
     def sent(self, server_round: int, phase: str, message: Message) -> None:
-        """A message to a node, with the digest and size of its arrays (if any)."""
+        """A message to a node, with the digest and size of its arrays (if any), marked if it asks for an evaluation
+        first."""
+        first = {"evaluate-first": True} if message.content["config"].get("evaluate-first") else {}
         self._write({"round": server_round, "phase": phase, "node": message.metadata.dst_node_id,
-                     "direction": "sent", **_payload(message)})
+                     "direction": "sent", **_payload(message), **first})
 
     def received(self, server_round: int, phase: str, reply: Message, accepted: bool, reason: str = "",
                  digest: str = "") -> None:

@@ -30,8 +30,11 @@ client of a simulation process receives the same chain, so one copy serves them 
 After a resume the server knows no node's model (a resumed run is a new Flower run, whose
 clients start afresh): the first message to every node is the saved chain in full
 (:meth:`Chain.state` is part of :class:`zk0.checkpoint.ServerState`). A node that still holds
-that very model keeps its residual, so a server restarted between rounds while its clients
-kept their state continues bit-identically; fresh clients start from a zero residual.
+that very model, or the one the chain stepped from (a full payload names that step: its base
+``follows`` and its ``step-digest``, from which the node recomputes the id), keeps its
+residual, so a server restarted between rounds while its clients kept their state continues
+bit-identically (it saves a round before its chain steps to that round's model); fresh clients
+start from a zero residual.
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ def advanced(model: Mapping[str, torch.Tensor], change: Mapping[str, torch.Tenso
 def next_id(model_id: str, delta_digest: str) -> str:
     """The id of the model a delta with ``delta_digest`` makes of the model ``model_id``."""
     return hashlib.sha256(f"{model_id}|{delta_digest}".encode()).hexdigest()
+
+
+def follows(seal: Mapping, model_id: str) -> bool:
+    """Whether a full payload's model is the one a step makes of ``model_id``: what a delta would have brought."""
+    step = str(seal.get("step-digest", ""))
+    return bool(model_id) and seal.get("follows") == model_id and next_id(model_id, step) == str(seal["model-id"])
 
 
 def bf16(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -94,6 +103,8 @@ class Chain:
             (arrays, seal), kind = self.step, "delta"
         else:
             (arrays, seal), kind = self._full(), "full"
+            if self.step:
+                seal = {**seal, "follows": self.base_id, "step-digest": self.step[1]["payload-digest"]}
         return arrays, {**seal, "downlink": kind, "model-id": self.model_id, "base-model": held or ""}
 
     def confirm(self, node: int, model_id: str) -> None:
@@ -152,7 +163,7 @@ class Held:
         received = wire.open(arrays, seal)
         kind, claimed = str(seal["downlink"]), str(seal["model-id"])
         if kind == "full":
-            if claimed != self.model_id:
+            if claimed != self.model_id and not follows(seal, self.model_id):
                 self.residual = {}
             self.latest.model_id, self.latest.model = claimed, bf16(received)
             self.model_id = claimed

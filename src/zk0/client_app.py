@@ -34,6 +34,7 @@ from zk0.evaluate import evaluate_dataset
 from zk0.logs import quiet_libraries
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_shapes, trainable_state
 from zk0.reasons import error_reason
+from zk0.stopwatch import Stopwatch
 from zk0.registry import DatasetEntry, load_registry, parse_camera_map
 from zk0.train import train_steps
 
@@ -206,21 +207,32 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 @answers_errors
 def train(msg: Message, context: Context) -> Message:
-    """Train from the received global tensors and reply with the verified update."""
+    """Train from the received global tensors and reply with the verified update.
+
+    With ``evaluate-first`` the server also asks for the evaluation of the tensors received (the
+    previous round's global model): they are evaluated first, exactly as :func:`evaluate` does, and
+    the reply carries those metrics as ``eval-metrics``, so the model travels once per round.
+    """
     rt = runtime(context)
-    weights, config, pre, _ = receive_global(rt, msg)
+    clock = Stopwatch()
+    with clock.part("codec"):
+        weights, config, pre, post = receive_global(rt, msg)
+    records = {"eval-metrics": held_out_metrics(rt, pre, post)} if config.get("evaluate-first") else {}
     round_seed = rt.cfg.seed + 1000 * int(config["server-round"]) + rt.partition_id
     torch.manual_seed(round_seed)  # flow-matching noise
     stream = batches(rt.loader, round_seed, rt.split.entry.cameras)
-    result = train_steps(rt.policy, pre, stream, steps=rt.cfg.train.local_steps, lr=float(config["lr"]),
-                         mu=float(config["proximal-mu"]), grad_clip_norm=rt.cfg.train.grad_clip_norm)
-    update = {n: p.detach().cpu().float() - weights[n] for n, p in trainable_state(rt.policy).items()}
-    arrays, seal = rt.held.seal(rt.wire, update) if rt.held else rt.wire.seal(update)
+    with clock.part("train"):
+        result = train_steps(rt.policy, pre, stream, steps=rt.cfg.train.local_steps, lr=float(config["lr"]),
+                             mu=float(config["proximal-mu"]), grad_clip_norm=rt.cfg.train.grad_clip_norm)
+    with clock.part("codec"):
+        update = {n: p.detach().cpu().float() - weights[n] for n, p in trainable_state(rt.policy).items()}
+        arrays, seal = rt.held.seal(rt.wire, update) if rt.held else rt.wire.seal(update)
     metrics = MetricRecord({"train-loss": result.loss, "proximal": result.proximal, "grad-norm": result.grad_norm,
                             "steps": result.steps, "lr": float(config["lr"]),
-                            "proximal-mu": float(config["proximal-mu"]), "num-examples": result.frames})
+                            "proximal-mu": float(config["proximal-mu"]), "num-examples": result.frames,
+                            **clock.record()})
     payload = ConfigRecord({**seal, **about(rt), **holding(rt), "server-round": int(config["server-round"])})
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics, "payload": payload}), reply_to=msg)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics, "payload": payload, **records}), reply_to=msg)
 
 
 @app.evaluate()
@@ -228,9 +240,20 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's held-out episodes."""
     rt = runtime(context)
-    _, config, pre, post = receive_global(rt, msg)
-    result = evaluate_dataset(rt.policy, pre, post, rt.split.held_out, rt.split.entry.cameras, rt.cfg)
-    metrics = MetricRecord({"eval-loss": result["loss"], "eval-action-mae": result["action_mae"],
-                            "num-examples": int(result["frames"])})
+    clock = Stopwatch()
+    with clock.part("codec"):
+        _, config, pre, post = receive_global(rt, msg)
+    metrics = held_out_metrics(rt, pre, post)
+    metrics.update(clock.record())
     payload = ConfigRecord({**about(rt), **holding(rt), "server-round": int(config["server-round"])})
     return Message(RecordDict({"metrics": metrics, "payload": payload}), reply_to=msg)
+
+
+def held_out_metrics(rt: ClientRuntime, pre: Any, post: Any) -> MetricRecord:
+    """The policy as loaded, on this client's held-out episodes: loss, action error, frames, and the seconds the
+    evaluation took (:func:`zk0.evaluate.evaluate_dataset`: seeded, the same numbers for the same model)."""
+    clock = Stopwatch()
+    with clock.part("eval"):
+        result = evaluate_dataset(rt.policy, pre, post, rt.split.held_out, rt.split.entry.cameras, rt.cfg)
+    return MetricRecord({"eval-loss": result["loss"], "eval-action-mae": result["action_mae"],
+                         "num-examples": int(result["frames"]), **clock.record()})

@@ -6,11 +6,15 @@ the wire (frozen-base fingerprint, dtype, tensor shapes) and, in an int8 run, th
 its nodes hold (:class:`zk0.chain.Chain`), the bytes sent and received, the audit log and the
 event sink. The strategy only verifies and aggregates; this gives every message its payload
 (sealed once per change of the global model, not per message), applies the aggregate,
-records every verdict, and saves what a resumed run continues from (``server_state.pt``,
-:class:`zk0.checkpoint.ServerState`).
+records every verdict, counts each round's bytes and the seconds the loop spends on each part
+of it, and saves what a resumed run continues from (``server_state.pt``,
+:class:`zk0.checkpoint.ServerState`). A round whose federated evaluation goes with the next
+round's train messages is saved with its end pending (``end_pending``): a run resumed from it
+redoes that end, with the next round.
 
 :class:`RoundEnd` is the end of a round, the same for a federated run and a baseline:
-evaluate, evaluate in the simulator, log the round, checkpoint and report, on one schedule.
+evaluate, evaluate in the simulator, checkpoint, log the round (with the seconds each part took) and
+report, on one schedule.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import random
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import InitVar, dataclass, field
 from logging import INFO, WARNING
@@ -34,6 +39,7 @@ from zk0.config import RunConfig
 from zk0.reasons import one_line
 from zk0.report import progress_line
 from zk0.server_optimizer import ServerOptimizer
+from zk0.stopwatch import Stopwatch
 from zk0.strategy import Verdict, round_lr
 from zk0.tracking import Tracker
 from zk0.tuning import Tuning
@@ -53,13 +59,14 @@ class RoundState:
     audit: AuditLog
     on_event: Event
     server_round: int = 0
-    bytes_down: int = 0
-    bytes_up: int = 0
+    end_pending: bool = False  # the round's end waits for the evaluations the next round's train replies carry
     downlink: InitVar[Mapping | None] = None  # a resumed int8 run's saved chain
     tuned: InitVar[Mapping | None] = None  # a resumed run's saved server-optimizer moments and tuning
     wire: transport.Wire = field(init=False)
     chain: Chain | None = field(init=False)  # int8 runs: the model the nodes hold
     sealed_master: Payload | None = field(init=False, default=None)  # bf16/fp32 runs: the global tensors
+    traffic: Counter[tuple[int, str]] = field(init=False, default_factory=Counter)  # (round, bytes-down|bytes-up)
+    clocks: dict[int, Stopwatch] = field(init=False, default_factory=dict)  # round: seconds per part of it
     optimizer: ServerOptimizer = field(init=False)  # applies each round's mean update to the global tensors
     tuning: Tuning = field(init=False)  # the mu and lr factor the next train messages carry
 
@@ -82,13 +89,16 @@ class RoundState:
         random.setstate(saved.python_rng)
         torch.set_rng_state(saved.torch_rng)
         return cls(cfg, saved.master, saved.norm_stats, saved.fingerprint, audit, on_event, saved.server_round,
-                   downlink=saved.downlink, tuned=saved.tuned)
+                   saved.pending_end is not None, downlink=saved.downlink, tuned=saved.tuned)
 
-    def save(self, run: RunFolder) -> None:
-        """The state a resumed run continues from, after the round just completed."""
+    def save(self, run: RunFolder, records: list[dict]) -> None:
+        """The state a resumed run continues from, after the round just trained (and ended, unless its end
+        is pending); ``records``: the round's records so far, which a resumed run keeps while it redoes
+        a pending end (:class:`zk0.checkpoint.ServerState`)."""
         ServerState(self.server_round, self.master, self.norm_stats, self.cfg.to_run_config(), self.fingerprint,
                     random.getstate(), torch.get_rng_state(), self.chain.state() if self.chain else {},
-                    {"server-optimizer": self.optimizer.state_dict(), "tuning": self.tuning.state_dict()}).save(run)
+                    {"server-optimizer": self.optimizer.state_dict(), "tuning": self.tuning.state_dict()},
+                    records if self.end_pending else None).save(run)
 
     def train_config(self) -> ConfigRecord:
         """What this round's train messages tell clients to use: the scheduled lr times the tuning's factor, and mu."""
@@ -123,28 +133,30 @@ class RoundState:
             self.sealed_master = self.wire.seal(self.master)
         return self.sealed_master
 
-    def sent(self, phase: str, messages: list[Message]) -> None:
-        """Count and audit the messages of ``phase``."""
-        self.bytes_down += sum(transport.nbytes(message.content["arrays"]) for message in messages)
+    def sent(self, messages: list[Message]) -> None:
+        """Count and audit each message as part of its round and phase (an evaluate message for the previous
+        round may go with this round's train messages)."""
         for message in messages:
-            self.audit.sent(self.server_round, phase, message)
+            server_round = int(message.content["config"]["server-round"])
+            self.traffic[server_round, "bytes-down"] += transport.nbytes(message.content["arrays"])
+            self.audit.sent(server_round, message.metadata.message_type, message)
 
-    def received(self, phase: str, verdicts: list[Verdict]) -> None:
-        """Record every verdict, count the bytes received, log each accepted reply's metrics, and note which
-        model each node of an int8 run says it holds."""
-        report(self.server_round, phase, verdicts, self.audit, self.on_event)
-        self.bytes_up += sum(verdict.nbytes for verdict in verdicts)
+    def received(self, phase: str, verdicts: list[Verdict], server_round: int) -> None:
+        """Record every verdict as ``server_round``'s, count the bytes received, log each accepted reply's
+        metrics, and note which model each node of an int8 run says it holds."""
+        report(server_round, phase, verdicts, self.audit, self.on_event)
+        self.traffic[server_round, "bytes-up"] += sum(verdict.nbytes for verdict in verdicts)
         for verdict in verdicts:
             if verdict.accepted:
-                self._client_event(SOURCES[phase], verdict.reply)
+                self._client_event(SOURCES[phase], verdict.reply, server_round)
             if self.chain and (model_id := _held_model(verdict.reply)):
                 self.chain.confirm(verdict.reply.metadata.src_node_id, model_id)
 
-    def _client_event(self, source: str, reply: Message) -> None:
+    def _client_event(self, source: str, reply: Message, server_round: int) -> None:
         about = reply.content["payload"]
         base = {"base": str(about["base-fingerprint"])[:16]} if "base-fingerprint" in about else {}
         self.on_event({**dict(reply.content["metrics"]),  # the server's fields last: a node cannot overwrite them
-                       "round": self.server_round, "source": source, "node": reply.metadata.src_node_id,
+                       "round": server_round, "source": source, "node": reply.metadata.src_node_id,
                        "partition": about["partition-id"], "dataset": about["dataset"], **base})
 
     def apply(self, update: Mapping[str, torch.Tensor]) -> None:
@@ -154,11 +166,15 @@ class RoundState:
         if self.chain:
             self.chain.moved()
 
-    def traffic(self) -> dict[str, int]:
-        """This round's bytes sent and received, as the round record names them; the counts start again."""
-        counts = {"bytes-down": self.bytes_down, "bytes-up": self.bytes_up}
-        self.bytes_down = self.bytes_up = 0
-        return counts
+    def clock(self, server_round: int) -> Stopwatch:
+        """The seconds the loop spends on each part of ``server_round``."""
+        return self.clocks.setdefault(server_round, Stopwatch())
+
+    def measured(self, server_round: int) -> dict[str, float]:
+        """``server_round``'s bytes sent and received and the loop's seconds per part, as the round record names
+        them; the round's counts are done with."""
+        clock = self.clocks.pop(server_round, Stopwatch())
+        return {key: self.traffic.pop((server_round, key), 0) for key in ("bytes-down", "bytes-up")} | clock.record()
 
 
 def _held_model(reply: Message) -> str | None:
@@ -183,7 +199,7 @@ def report(server_round: int, phase: str, verdicts: list[Verdict], audit: AuditL
 
 
 class RoundEnd(ABC):
-    """The end of a round, on the run's schedule: evaluate, evaluate in the simulator, log the round, checkpoint.
+    """The end of a round, on the run's schedule: evaluate, evaluate in the simulator, checkpoint, log the round.
 
     Subclasses say how their model (the server's global one, a baseline's learners) is
     evaluated and saved; the schedule, the round record and the progress line are shared, so
@@ -194,22 +210,28 @@ class RoundEnd(ABC):
         self.cfg, self.tracker, self.sim_tasks = cfg, tracker, sim_tasks
         self.started = time.monotonic()
 
-    def __call__(self, server_round: int, traffic: dict[str, int]) -> dict[str, float]:
-        """End ``server_round``; ``traffic`` is its bytes sent and received. Returns the round's summary."""
+    def __call__(self, server_round: int, measured: Mapping[str, float]) -> dict[str, float]:
+        """End ``server_round``; ``measured``: what the round loop measured of it (bytes sent and received,
+        seconds per part), logged in the round record with the seconds of this end's own parts. Returns the
+        round's summary."""
         evaluating, checkpointing = self.cfg.evaluates(server_round), self.cfg.checkpoints(server_round)
         sim_evaluating = bool(self.sim_tasks) and self.cfg.sim_evaluates(server_round)
+        clock = Stopwatch()
         if evaluating or sim_evaluating or checkpointing:
             self.prepare()
         if evaluating:
-            self.evaluate(server_round)
+            with clock.part("server-eval"):
+                self.evaluate(server_round)
         if sim_evaluating:
-            self.evaluate_in_sim(server_round)
-        self.tracker.log({"round": server_round, "source": "server", "event": "round", **traffic,
+            with clock.part("sim-eval"):
+                self.evaluate_in_sim(server_round)
+        if checkpointing:
+            with clock.part("checkpoint"):
+                self.checkpoint(server_round, self.tracker.round_summary(server_round))
+        self.tracker.log({"round": server_round, "source": "server", "event": "round", **measured, **clock.record(),
                           "seconds": round(time.monotonic() - self.started, 2)})
         self.started = time.monotonic()
         summary = self.tracker.round_summary(server_round)
-        if checkpointing:
-            self.checkpoint(server_round, summary)
         log(INFO, "%s", progress_line(server_round, self.cfg.federation.num_server_rounds, summary))
         return summary
 

@@ -30,7 +30,8 @@ from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable
 from zk0.registry import Registry, load_registry
 from zk0.report import summary_table
 from zk0.rounds import Event, RoundEnd, RoundState, report
-from zk0.strategy import RoundFailed, QueryReport, SmolVLAStrategy, Verdict, checked_query, judge, passed, sender
+from zk0.strategy import (RoundFailed, QueryReport, SmolVLAStrategy, Verdict, checked_query, evaluating_first, judge,
+                          passed, sender)
 from zk0.tracking import Tracker, write_charts
 
 app = ServerApp()
@@ -57,7 +58,7 @@ def main(grid: Grid, context: Context) -> None:
     fingerprint = base_fingerprint(policy)
     run, saved, attempt = open_run(cfg, registry, fingerprint, context.run_id)
     with run_log(run.root):  # every line of this attempt also goes to the run's zk0.log
-        tracker = Tracker(run.root, cfg, resume_after=saved.server_round if saved else None)
+        tracker = run_tracker(run, cfg, saved)
         audit = AuditLog(run.root, context.run_id, attempt)
         try:
             state = start_state(grid, cfg, policy, fingerprint, saved, audit, tracker.log)
@@ -94,6 +95,18 @@ def open_run(cfg: RunConfig, registry: Registry, fingerprint: str,
     return run, state, run.add_flower_run(run_id)
 
 
+def run_tracker(run: RunFolder, cfg: RunConfig, saved: ServerState | None) -> Tracker:
+    """The run's tracker. A resumed run keeps the records of what it does not redo: the rounds up to the
+    saved one, or, when the saved round's end is pending (it is redone), that round's records from before its
+    end, as saved with it."""
+    if saved is None or saved.pending_end is None:
+        return Tracker(run.root, cfg, resume_after=saved.server_round if saved else None)
+    tracker = Tracker(run.root, cfg, resume_after=saved.server_round - 1)
+    for record in saved.pending_end:
+        tracker.log(record)
+    return tracker
+
+
 def start_state(grid: Grid, cfg: RunConfig, policy, fingerprint: str, saved: ServerState | None, audit: AuditLog,
                 on_event: Event) -> RoundState:
     """A resumed run's saved state, or a new run's: the initial trainable tensors and the clients' pooled stats."""
@@ -109,37 +122,105 @@ def run_rounds(grid: Grid, strategy: SmolVLAStrategy, state: RoundState, round_e
     """Rounds ``first..num-server-rounds``: train, federated evaluation, end of round, save state.
 
     Round 0 (``first == 0``, a new run) only evaluates the initial model on clients and server:
-    the baseline every later round is compared with. The strategy picks the nodes; the state
-    gives each message its payload (:meth:`RoundState.address`).
+    the baseline every later round is compared with. A round's federated evaluation goes with
+    the next round's train messages where it can (:meth:`SmolVLAStrategy.evaluates_with_next_train`):
+    they carry that very model, so it travels once per round, and the round ends once the next
+    round's replies are in (:func:`train_round`). Its state is saved before that, end pending, so a
+    run resumed from it redoes its end with the next round, and clients that kept their state
+    continue as if the server had never stopped. The last round's evaluation goes on its own. The
+    strategy picks the nodes; the state gives each message its payload (:meth:`RoundState.address`).
     """
     for server_round in range(first, state.cfg.federation.num_server_rounds + 1):
         state.server_round = server_round
         if server_round:
             log(INFO, "zk0 round %d/%d", server_round, state.cfg.federation.num_server_rounds)
-            messages = state.address(strategy.configure_train(server_round, ArrayRecord(), state.train_config(), grid))
-            receive_train(strategy, state, exchange(grid, state, "train", messages))
-        messages = state.address(strategy.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
-        if messages:
-            receive_evaluate(strategy, state, exchange(grid, state, "evaluate", messages))
-        state.tune(round_end(server_round, state.traffic()))
-        state.save(run)
+            train_round(grid, strategy, state, round_end)
+        state.end_pending = strategy.evaluates_with_next_train(server_round)
+        if not state.end_pending:
+            evaluate_round(grid, strategy, state)
+            state.tune(round_end(server_round, state.measured(server_round)))
+        state.save(run, [record for record in round_end.tracker.records if record["round"] == server_round])
 
 
-def exchange(grid: Grid, state: RoundState, phase: str, messages: list[Message]) -> list[Message]:
-    """Send one phase's messages, wait up to ``round-timeout``, report who never answered."""
-    state.sent(phase, messages)
-    replies = send(grid, state.cfg, state.server_round, phase, messages, state.audit)
+def train_round(grid: Grid, strategy: SmolVLAStrategy, state: RoundState, round_end: RoundEnd) -> None:
+    """Train round r; when round r-1's end is pending, its evaluations go with round r's messages, and it ends
+    once their replies are in, with round r-1's global model: before round r's update is applied.
+
+    Round r-1's evaluating nodes are drawn before round r's training ones, as when each round
+    evaluated on its own: the same random draws pick the same nodes.
+    """
+    clock = state.clock(state.server_round)
+    evaluating = (strategy.configure_evaluate(state.server_round - 1, ArrayRecord(), ConfigRecord(), grid)
+                  if state.end_pending else [])
+    training = list(strategy.configure_train(state.server_round, ArrayRecord(), state.train_config(), grid))
+    with clock.part("seal"):
+        messages = state.address(evaluating_first(training, evaluating))
+    with clock.part("exchange"):
+        replies = exchange(grid, state, messages)
+    trained, evaluated, carried = sort_replies(messages, replies)
+    if state.end_pending:
+        end_previous_round(strategy, state, round_end, evaluated, carried)
+    with clock.part("aggregate"):
+        receive_train(strategy, state, trained)
+
+
+def evaluate_round(grid: Grid, strategy: SmolVLAStrategy, state: RoundState) -> None:
+    """This round's federated evaluation in messages of its own (the last round's, or one that cannot wait)."""
+    clock = state.clock(state.server_round)
+    with clock.part("seal"):
+        messages = state.address(strategy.configure_evaluate(state.server_round, ArrayRecord(), ConfigRecord(),
+                                                              grid))
+    if messages:
+        with clock.part("exchange"):
+            replies = exchange(grid, state, messages)
+        receive_evaluate(strategy, state, replies)
+
+
+def exchange(grid: Grid, state: RoundState, messages: list[Message]) -> list[Message]:
+    """Send the messages, wait up to ``round-timeout``, report who never answered (by round and phase)."""
+    state.sent(messages)
+    replies = send(grid, state.cfg, messages, state.audit)
     answered = {r.metadata.src_node_id for r in replies}
-    for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
-        state.on_event({"round": state.server_round, "source": "server", "event": "missing-reply", "phase": phase,
-                        "node": node})
+    for message in sorted(messages, key=lambda m: m.metadata.dst_node_id):
+        if message.metadata.dst_node_id not in answered:
+            state.on_event({"round": message_round(message), "source": "server", "event": "missing-reply",
+                            "phase": message.metadata.message_type, "node": message.metadata.dst_node_id})
     return replies
+
+
+def sort_replies(messages: list[Message], replies: list[Message]) -> tuple[list[Message], list[Message],
+                                                                            list[Message]]:
+    """The replies to train messages, the replies to evaluate messages, and the evaluations that replies to
+    ``evaluate-first`` train messages carry (:func:`carried_evaluation`)."""
+    requests = {message.metadata.message_id: message for message in messages}
+    trained, evaluated, carried = [], [], []
+    for reply in replies:
+        if reply.metadata.message_type == MessageType.EVALUATE:
+            evaluated.append(reply)
+            continue
+        trained.append(reply)
+        request = requests.get(reply.metadata.reply_to_message_id)
+        if request is not None and request.content["config"].get("evaluate-first"):
+            carried.append(carried_evaluation(reply, request))
+    return trained, evaluated, carried
+
+
+def carried_evaluation(reply: Message, request: Message) -> Message:
+    """The evaluation a reply to an ``evaluate-first`` train message carries, as the evaluate reply it stands for
+    (its ``eval-metrics``, and the payload naming its sender and round), so it is checked, audited and logged
+    as one; a failed reply is a failed evaluation too."""
+    if reply.has_error():
+        return Message(reply.error, reply_to=request)
+    records = {"metrics": reply.content.metric_records.get("eval-metrics"),
+               "payload": reply.content.config_records.get("payload")}
+    return Message(RecordDict({name: record for name, record in records.items() if record is not None}),
+                   reply_to=request)
 
 
 def receive_train(strategy: SmolVLAStrategy, state: RoundState, replies: list[Message]) -> None:
     """Verify the train replies, record every verdict, and apply the accepted updates' mean to the global tensors."""
     verdicts = strategy.verify_train(state.server_round, replies)
-    state.received("train", verdicts)
+    state.received("train", verdicts, state.server_round)
     mean, _ = strategy.aggregate_train(state.server_round, verdicts)  # the clients' metrics are logged one by one
     state.apply(mean)
 
@@ -147,22 +228,40 @@ def receive_train(strategy: SmolVLAStrategy, state: RoundState, replies: list[Me
 def receive_evaluate(strategy: SmolVLAStrategy, state: RoundState, replies: list[Message]) -> MetricRecord | None:
     """Verify the evaluate replies, record every verdict; the accepted held-out metrics' weighted mean."""
     verdicts = strategy.verify_evaluate(state.server_round, replies)
-    state.received("evaluate", verdicts)
+    state.received("evaluate", verdicts, state.server_round)
     return strategy.aggregate_evaluate(state.server_round, verdicts)
 
 
-def send(grid: Grid, cfg: RunConfig, server_round: int, phase: str, messages: list[Message],
-         audit: AuditLog) -> list[Message]:
+def end_previous_round(strategy: SmolVLAStrategy, state: RoundState, round_end: RoundEnd, replies: list[Message],
+                       carried: list[Message]) -> None:
+    """Round r-1's evaluations (evaluate replies of nodes that did not train, and the evaluations train replies
+    carried: replies of round r), recorded as round r-1's, then round r-1's end."""
+    previous = state.server_round - 1
+    verdicts = strategy.verify_evaluate(previous, replies) + strategy.verify_evaluate(state.server_round, carried)
+    state.received("evaluate", verdicts, previous)
+    round_end(previous, state.measured(previous))
+
+
+def send(grid: Grid, cfg: RunConfig, messages: list[Message], audit: AuditLog) -> list[Message]:
     """Send and wait up to ``round-timeout``; replies carry the node they answer for; silent nodes are logged."""
     replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)) if messages else []
-    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    requests = {m.metadata.message_id: m for m in messages}
     for reply in replies:  # the SuperLink itself answers for a node it lost ("Node Unavailable"): name that node
-        set_reply_sender(reply, destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id))
-    for node in sorted(set(destination.values()) - {r.metadata.src_node_id for r in replies}):
-        log(WARNING, "round %d: node %s sent no %s reply within round-timeout=%.0fs", server_round, node, phase,
-            cfg.federation.round_timeout)
-        audit.missing(server_round, phase, node, cfg.federation.round_timeout)
+        request = requests.get(reply.metadata.reply_to_message_id)
+        set_reply_sender(reply, request.metadata.dst_node_id if request else reply.metadata.src_node_id)
+    answered = {r.metadata.src_node_id for r in replies}
+    for message in messages:
+        if message.metadata.dst_node_id not in answered:
+            node, phase = message.metadata.dst_node_id, message.metadata.message_type
+            log(WARNING, "round %d: node %s sent no %s reply within round-timeout=%.0fs", message_round(message),
+                node, phase, cfg.federation.round_timeout)
+            audit.missing(message_round(message), phase, node, cfg.federation.round_timeout)
     return replies
+
+
+def message_round(message: Message) -> int:
+    """The round a message of the server belongs to (its config's ``server-round``; the query phase is round 0)."""
+    return int(message.content["config"].get("server-round", 0))
 
 
 def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog, sizes: dict[str, int], on_event: Event) -> str:
@@ -187,7 +286,7 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog, sizes: dict[s
                 for n in nodes]
     for message in messages:
         audit.sent(0, "query", message)
-    replies = send(grid, cfg, 0, "query", messages, audit)
+    replies = send(grid, cfg, messages, audit)
     verdicts = [judge(reply, lambda reply: checked_query(reply, sizes)) for reply in replies]
     report(0, "query", verdicts, audit, on_event)
     reported = passed(verdicts)

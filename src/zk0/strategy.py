@@ -120,6 +120,18 @@ class SmolVLAStrategy(FedAvg):
             return []
         return list(super().configure_evaluate(server_round, arrays, config, grid))
 
+    def evaluates_with_next_train(self, server_round: int) -> bool:
+        """Whether ``server_round``'s federated evaluation travels in the next round's train messages.
+
+        Those carry this round's global model anyway: a client evaluates it first (``evaluate-first``),
+        then trains, so the model travels once per round. Not after the last round (no next one), not
+        in a round without federated evaluation, and not while the tuning reacts to the held-out loss:
+        it must know this round's before it configures the next round's train messages.
+        """
+        tuning = self.cfg.tuning
+        return (server_round < self.cfg.federation.num_server_rounds and self.cfg.evaluates(server_round)
+                and self.fraction_evaluate > 0 and not (tuning.adaptive_mu or tuning.dynamic_lr))
+
     def verify_train(self, server_round: int, replies: Iterable[Message]) -> list[Verdict[Update]]:
         """Each train reply's verdict: its decoded update and weight, once every field the server uses checks out."""
         return [self._judge_update(reply, server_round) for reply in replies]
@@ -202,6 +214,18 @@ class SmolVLAStrategy(FedAvg):
         """The accepted replies' held-out metrics, weighted by ``num-examples``."""
         accepted = passed(verdicts)
         return _mean_metrics([verdict.reply for verdict in accepted]) if accepted else None
+
+
+def evaluating_first(train: list[Message], evaluate: list[Message]) -> list[Message]:
+    """One message per node: a round's train messages, those to the nodes sampled to evaluate the previous
+    round marked ``evaluate-first`` (the model they carry is that round's), and the evaluate messages of the
+    sampled nodes that do not train this round."""
+    evaluating = {message.metadata.dst_node_id for message in evaluate}
+    training = {message.metadata.dst_node_id for message in train}
+    marked = [Message(RecordDict({"config": ConfigRecord({**message.content["config"], "evaluate-first": True})}),
+                      dst_node_id=message.metadata.dst_node_id, message_type=message.metadata.message_type)
+              if message.metadata.dst_node_id in evaluating else message for message in train]
+    return marked + [message for message in evaluate if message.metadata.dst_node_id not in training]
 
 
 def checked_reply(reply: Message, max_examples: int, server_round: int) -> int:
