@@ -33,6 +33,7 @@ from zk0.dataset_facts import dataset_facts
 from zk0.evaluate import evaluate_dataset
 from zk0.logs import quiet_libraries
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_shapes, trainable_state
+from zk0.privacy import client_stats, privatize_update
 from zk0.reasons import error_reason
 from zk0.stopwatch import Stopwatch
 from zk0.registry import DatasetEntry, load_registry, parse_camera_map
@@ -199,7 +200,7 @@ def holding(rt: ClientRuntime) -> dict[str, str]:
 def query(msg: Message, context: Context) -> Message:
     """Report normalisation statistics of the training episodes (pooled by the server) and the dataset's facts."""
     rt = runtime(context)
-    stats = encode_stats(vector_stats(rt.split.train))
+    stats = encode_stats(client_stats(vector_stats(rt.split.train), rt.cfg))  # under DP: moments only, clipped
     return Message(RecordDict({"stats": ConfigRecord({"norm-stats": stats, **about(rt), **facts(rt.split)}),
                                "metrics": MetricRecord({"num-examples": len(rt.split.train)})}), reply_to=msg)
 
@@ -226,6 +227,7 @@ def train(msg: Message, context: Context) -> Message:
                              mu=float(config["proximal-mu"]), grad_clip_norm=rt.cfg.train.grad_clip_norm)
     with clock.part("codec"):
         update = {n: p.detach().cpu().float() - weights[n] for n, p in trainable_state(rt.policy).items()}
+        privatize_update(update, rt.cfg)  # dp runs: clipped to dp-clip-norm (dp=local: and noised)
         arrays, seal = rt.held.seal(rt.wire, update) if rt.held else rt.wire.seal(update)
     metrics = MetricRecord({"train-loss": result.loss, "proximal": result.proximal, "grad-norm": result.grad_norm,
                             "steps": result.steps, "lr": float(config["lr"]),

@@ -22,6 +22,7 @@ AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum")  # how the server comb
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TRANSPORT_DTYPES = ("bf16", "fp32", "int8")
 DEVICES = ("auto", "cpu", "cuda")
+DP_MODES = ("none", "central", "local")  # differential privacy: off, noise added by the server, or by each client
 BASELINE_MODES = ("centralized", "local")
 MAX_INT = 10**9  # no count, seed or size of a run comes near this
 
@@ -84,7 +85,6 @@ class FederationConfig:
         if self.aggregation == "trimmed-mean" and self.byzantine_clients and not self.trim_fraction:
             raise ConfigError("run-config 'trim-fraction' = 0 trims nothing, so aggregation=trimmed-mean cannot "
                               f"withstand byzantine-clients={self.byzantine_clients}; set trim-fraction > 0")
-
 
 
 @dataclass(frozen=True)
@@ -206,8 +206,43 @@ class TrackingConfig:
         _at_least(1, checkpoint_interval=self.checkpoint_interval)
 
 
+@dataclass(frozen=True)
+class DpConfig:
+    """Differential privacy (:mod:`zk0.privacy`): who adds Gaussian noise, to updates clipped to what norm, and the
+    budget the accountant holds the run to."""
+
+    dp: str = "none"
+    dp_clip_norm: float = 1.0
+    dp_noise_multiplier: float = 1.0
+    dp_target_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_max_epsilon: float = 0.0
+    dp_stats_bound: float = 180.0
+
+    def validate(self) -> None:
+        _choice("dp", self.dp, DP_MODES)
+        _positive(dp_clip_norm=self.dp_clip_norm, dp_stats_bound=self.dp_stats_bound)
+        _at_least(0, dp_target_epsilon=self.dp_target_epsilon, dp_max_epsilon=self.dp_max_epsilon)
+        if self.dp_target_epsilon == 0:
+            _positive(dp_noise_multiplier=self.dp_noise_multiplier)
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"run-config 'dp-delta' must be in (0, 1), got {self.dp_delta}")
+
+    def fits(self, transport_dtype: str, aggregation: str) -> None:
+        """DP needs updates whose norm the clipping bounds, averaged with equal weight."""
+        if self.dp == "none":
+            return
+        if transport_dtype == "int8":
+            raise ConfigError("dp needs transport-dtype bf16 or fp32: int8's error feedback carries part of earlier "
+                              "updates into later ones, so dp-clip-norm would not bound a round's update")
+        if aggregation != "mean":
+            raise ConfigError(f"dp needs aggregation=mean: the noise is calibrated to the mean's sensitivity "
+                              f"(dp-clip-norm / clients), not {aggregation}'s")
+
+
 GROUPS = {"federation": FederationConfig, "train": TrainConfig, "tuning": TuningConfig, "model": ModelConfig,
-          "data": DataConfig, "eval": EvalConfig, "transport": TransportConfig, "tracking": TrackingConfig}
+          "data": DataConfig, "eval": EvalConfig, "transport": TransportConfig, "tracking": TrackingConfig,
+          "privacy": DpConfig}
 
 
 @dataclass(frozen=True)
@@ -227,6 +262,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    privacy: DpConfig = field(default_factory=DpConfig)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -285,6 +321,7 @@ class RunConfig:
         """Check ranges and choices group by group; raise :class:`ConfigError` naming the first bad key."""
         for group in GROUPS:
             getattr(self, group).validate()
+        self.privacy.fits(self.transport.transport_dtype, self.federation.aggregation)
 
 
 def _flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:

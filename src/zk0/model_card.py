@@ -53,7 +53,8 @@ def model_card(run_dir: Path, server_round: int, policy_config: Any) -> str:
     title = f"zk0 {kind} SmolVLA: round {server_round} of {run_config['num-server-rounds']}"
     sections = [f"# {title}", _intro(config, kind, trained), _federation(trained, config, records, kind),
                 _results(records, server_round), _comparison(run_dir), _io(policy_config, run_config),
-                _training(run_config, config), _use(), f"## Citation\n```bibtex\n{CITATION}\n```"]
+                _training(run_config, config, _privacy(run_config, records, server_round)), _use(),
+                f"## Citation\n```bibtex\n{CITATION}\n```"]
     body = "\n\n".join(section for section in sections if section)
     return f"---\n{_metadata(config, records, server_round, title).to_yaml()}\n---\n\n{body}\n"
 
@@ -262,7 +263,7 @@ def _io(policy_config: Any, run_config: dict) -> str:
             f"{policy_config.n_action_steps} of them; base model `{run_config['model-name']}`.")
 
 
-def _training(run_config: dict, config: dict) -> str:
+def _training(run_config: dict, config: dict, privacy: str) -> str:
     keys = ("strategy", "proximal-mu", "num-server-rounds", "local-steps", "batch-size", "lr", "lr-schedule",
             "lr-min-factor", "warmup-rounds", "grad-clip-norm", "chunk-size", "seed")
     hyper = "\n".join(f"| `{k}` | `{run_config[k]}` |" for k in keys if k in run_config)
@@ -272,8 +273,7 @@ def _training(run_config: dict, config: dict) -> str:
             f"with a SHA-256 digest both sides check; updates above a norm of {run_config['max-update-norm']} and "
             f"implausible replies were rejected; {_aggregation(run_config, config)}pooled normalisation statistics "
             f"needed at least {run_config.get('min-stats-clients', '?')} contributors. A deployment runs over TLS "
-            f"with registered node keys. No differential privacy. The full config is in the run folder's "
-            "`config.json`.")
+            f"with registered node keys. {privacy} The full config is in the run folder's `config.json`.")
 
 
 def _aggregation(run_config: dict, config: dict) -> str:
@@ -288,6 +288,22 @@ def _aggregation(run_config: dict, config: dict) -> str:
            "krum": "Krum (each round, the one update nearest its n - f - 2 closest others)"}[rule]
     return (f"each round's updates were combined by {how}, `aggregation={rule}`, to withstand "
             f"`byzantine-clients={run_config.get('byzantine-clients')}` hostile update(s) a round; ")
+
+
+def _privacy(run_config: dict, records: list[dict], server_round: int) -> str:
+    """What differential privacy covered and the ε spent by ``server_round`` (its last privacy record)."""
+    mode = run_config.get("dp", "none")
+    spent = [r for r in records if r.get("event") == "privacy" and r["round"] <= server_round]
+    if mode == "none" or not spent:
+        return "No differential privacy."
+    who = {"central": "clients clipped their updates and the server added Gaussian noise to their mean",
+           "local": "each client clipped its update and added Gaussian noise to it before sending"}[mode]
+    last = spent[-1]
+    return (f"Differential privacy per robot owner (`dp={mode}`): {who} (clip norm {last['clip-norm']:g}, noise "
+            f"multiplier {last['noise-multiplier']:.4g}), and the normalisation statistics were noised too. Spent by "
+            f"round {server_round}: ε = {last['epsilon']:.4g} at δ = {last['delta']:g} over {last['releases']} "
+            "releases (Rényi DP accountant, no amplification by sampling); training and evaluation metrics and the "
+            "dataset facts above are not covered.")
 
 
 def _use() -> str:

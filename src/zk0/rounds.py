@@ -36,6 +36,7 @@ from zk0.audit import AuditLog
 from zk0.chain import Chain, Payload
 from zk0.checkpoint import RunFolder, ServerState
 from zk0.config import RunConfig
+from zk0.privacy import Privacy
 from zk0.reasons import one_line
 from zk0.report import progress_line
 from zk0.server_optimizer import ServerOptimizer
@@ -69,6 +70,7 @@ class RoundState:
     clocks: dict[int, Stopwatch] = field(init=False, default_factory=dict)  # round: seconds per part of it
     optimizer: ServerOptimizer = field(init=False)  # applies each round's mean update to the global tensors
     tuning: Tuning = field(init=False)  # the mu and lr factor the next train messages carry
+    privacy: Privacy = field(init=False)  # dp runs: the noise on each round's mean, the accountant, the budget
 
     def __post_init__(self, downlink: Mapping | None, tuned: Mapping | None) -> None:
         self.master = {n: t.detach().to("cpu", torch.float32).clone() for n, t in self.master.items()}
@@ -79,6 +81,7 @@ class RoundState:
         self.optimizer = ServerOptimizer(fed.server_optimizer, lr=fed.server_lr, beta_1=fed.server_momentum,
                                          beta_2=fed.server_beta2, tau=fed.server_tau)
         self.tuning = Tuning(mu=fed.effective_mu)
+        self.privacy = Privacy(self.cfg)
         if tuned:
             self.optimizer.load_state_dict(tuned["server-optimizer"])
             self.tuning = Tuning.from_state_dict(tuned["tuning"])
@@ -88,8 +91,10 @@ class RoundState:
         """The state saved after ``saved.server_round``, random generators included: the run goes on unchanged."""
         random.setstate(saved.python_rng)
         torch.set_rng_state(saved.torch_rng)
-        return cls(cfg, saved.master, saved.norm_stats, saved.fingerprint, audit, on_event, saved.server_round,
-                   saved.pending_end is not None, downlink=saved.downlink, tuned=saved.tuned)
+        state = cls(cfg, saved.master, saved.norm_stats, saved.fingerprint, audit, on_event, saved.server_round,
+                    saved.pending_end is not None, downlink=saved.downlink, tuned=saved.tuned)
+        state.privacy.load_state_dict(saved.privacy)
+        return state
 
     def save(self, run: RunFolder, records: list[dict]) -> None:
         """The state a resumed run continues from, after the round just trained (and ended, unless its end
@@ -98,7 +103,7 @@ class RoundState:
         ServerState(self.server_round, self.master, self.norm_stats, self.cfg.to_run_config(), self.fingerprint,
                     random.getstate(), torch.get_rng_state(), self.chain.state() if self.chain else {},
                     {"server-optimizer": self.optimizer.state_dict(), "tuning": self.tuning.state_dict()},
-                    records if self.end_pending else None).save(run)
+                    records if self.end_pending else None, self.privacy.state_dict()).save(run)
 
     def train_config(self) -> ConfigRecord:
         """What this round's train messages tell clients to use: the scheduled lr times the tuning's factor, and mu."""
@@ -159,8 +164,11 @@ class RoundState:
                        "round": server_round, "source": source, "node": reply.metadata.src_node_id,
                        "partition": about["partition-id"], "dataset": about["dataset"], **base})
 
-    def apply(self, update: Mapping[str, torch.Tensor]) -> None:
-        """Move the global tensors by the aggregated fp32 update: added as it is, or through the server optimizer."""
+    def apply(self, update: Mapping[str, torch.Tensor], contributors: int) -> None:
+        """Move the global tensors by the aggregated fp32 update of ``contributors`` clients: added as it is, or
+        through the server optimizer; in a dp run, once released (central DP's noise added, ε logged)."""
+        if self.privacy.enabled:
+            self.on_event(self.privacy.release(update, contributors, self.server_round))
         self.optimizer.step(self.master, dict(update), self.server_round)
         self.sealed_master = None
         if self.chain:
@@ -210,12 +218,13 @@ class RoundEnd(ABC):
         self.cfg, self.tracker, self.sim_tasks = cfg, tracker, sim_tasks
         self.started = time.monotonic()
 
-    def __call__(self, server_round: int, measured: Mapping[str, float]) -> dict[str, float]:
+    def __call__(self, server_round: int, measured: Mapping[str, float], last: bool = False) -> dict[str, float]:
         """End ``server_round``; ``measured``: what the round loop measured of it (bytes sent and received,
-        seconds per part), logged in the round record with the seconds of this end's own parts. Returns the
-        round's summary."""
-        evaluating, checkpointing = self.cfg.evaluates(server_round), self.cfg.checkpoints(server_round)
-        sim_evaluating = bool(self.sim_tasks) and self.cfg.sim_evaluates(server_round)
+        seconds per part), logged in the round record with the seconds of this end's own parts; ``last``: the
+        run stops after it (a dp run's budget), so it is evaluated and checkpointed as a final round. Returns
+        the round's summary."""
+        evaluating, checkpointing = self.cfg.evaluates(server_round) or last, self.cfg.checkpoints(server_round) or last
+        sim_evaluating = bool(self.sim_tasks) and (self.cfg.sim_evaluates(server_round) or last)
         clock = Stopwatch()
         if evaluating or sim_evaluating or checkpointing:
             self.prepare()

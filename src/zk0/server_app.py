@@ -27,6 +27,7 @@ from zk0.hub import push_at_end
 from zk0.logs import quiet_flower_sampling, quiet_libraries, run_log
 from zk0.model_card import model_card
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
+from zk0.privacy import check_budget, pool_stats
 from zk0.registry import Registry, load_registry
 from zk0.report import summary_table
 from zk0.rounds import Event, RoundEnd, RoundState, report
@@ -129,17 +130,24 @@ def run_rounds(grid: Grid, strategy: SmolVLAStrategy, state: RoundState, round_e
     run resumed from it redoes its end with the next round, and clients that kept their state
     continue as if the server had never stopped. The last round's evaluation goes on its own. The
     strategy picks the nodes; the state gives each message its payload (:meth:`RoundState.address`).
+    A dp run stops after the last round ``dp-max-epsilon`` affords (:meth:`zk0.privacy.Privacy.affords`),
+    which ends as the final round does: evaluated and checkpointed.
     """
     for server_round in range(first, state.cfg.federation.num_server_rounds + 1):
+        if server_round and not state.privacy.affords(server_round):
+            break  # a resumed dp run that had stopped for its budget
         state.server_round = server_round
         if server_round:
             log(INFO, "zk0 round %d/%d", server_round, state.cfg.federation.num_server_rounds)
             train_round(grid, strategy, state, round_end)
-        state.end_pending = strategy.evaluates_with_next_train(server_round)
+        last = server_round == state.cfg.federation.num_server_rounds or not state.privacy.affords(server_round + 1)
+        state.end_pending = not last and strategy.evaluates_with_next_train(server_round)
         if not state.end_pending:
             evaluate_round(grid, strategy, state)
-            state.tune(round_end(server_round, state.measured(server_round)))
+            state.tune(round_end(server_round, state.measured(server_round), last))
         state.save(run, [record for record in round_end.tracker.records if record["round"] == server_round])
+        if last:
+            break
 
 
 def train_round(grid: Grid, strategy: SmolVLAStrategy, state: RoundState, round_end: RoundEnd) -> None:
@@ -222,7 +230,7 @@ def receive_train(strategy: SmolVLAStrategy, state: RoundState, replies: list[Me
     verdicts = strategy.verify_train(state.server_round, replies)
     state.received("train", verdicts, state.server_round)
     mean, _ = strategy.aggregate_train(state.server_round, verdicts)  # the clients' metrics are logged one by one
-    state.apply(mean)
+    state.apply(mean, len(passed(verdicts)))
 
 
 def receive_evaluate(strategy: SmolVLAStrategy, state: RoundState, replies: list[Message]) -> MetricRecord | None:
@@ -272,8 +280,10 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog, sizes: dict[s
     pooling caps each client's weight (:func:`zk0.data.pool_reports`). Pooled stats of two clients
     reveal each one's stats to the other (subtract your own), so fewer than ``min-stats-clients``
     contributors (default 3) fail the run before anything is shared; an operator whose two owners
-    accept that lowers it to 2, and the log says what it allows.
+    accept that lowers it to 2, and the log says what it allows. Under DP the stats are a release
+    (:func:`zk0.privacy.pool_stats`): a budget that cannot pay for it and one round fails first.
     """
+    check_budget(cfg)
     fed = cfg.federation
     deadline = time.monotonic() + fed.round_timeout
     needed = max(fed.min_train_nodes, fed.min_stats_clients, 1)
@@ -299,7 +309,8 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog, sizes: dict[s
     reported.sort(key=lambda verdict: sender(verdict.reply, "stats"))  # fixed pooling order: same stats, same bits
     warn_about_stats([verdict.reply.metadata.src_node_id for verdict in reported], [v.value.stats for v in reported])
     record_federation(grid, len(nodes), reported, on_event)
-    return pool_reports([verdict.value.stats for verdict in reported])
+    stats = [verdict.value.stats for verdict in reported]
+    return pool_stats(stats, cfg, on_event) if cfg.privacy.dp != "none" else pool_reports(stats)
 
 
 def record_federation(grid: Grid, connected: int, reported: list[Verdict[QueryReport]], on_event: Event) -> None:

@@ -167,7 +167,8 @@ class SmolVLAStrategy(FedAvg):
                         verdicts: list[Verdict[Update]]) -> tuple[dict[str, torch.Tensor], MetricRecord]:
         """The accepted updates' fp32 aggregate, and their mean metrics.
 
-        ``aggregation=mean``: their mean weighted by ``num-examples``, accumulated in place; a robust rule
+        ``aggregation=mean``: their mean weighted by ``num-examples`` (``dp=central``: equal weights,
+        :mod:`zk0.privacy`), accumulated in place; a robust rule
         (:mod:`zk0.robust`) ignores the weights, as Flower's do. The aggregate's tensors are the strategy's
         own buffers, overwritten by the next call: apply them first.
         """
@@ -178,6 +179,8 @@ class SmolVLAStrategy(FedAvg):
         self.mean = self.mean or {name: torch.empty(shape) for name, shape in self.wire.shapes.items()}
         fed = self.cfg.federation
         if fed.aggregation == "mean":
+            if self.cfg.privacy.dp == "central":  # DP-FedAvg: equal weights, so no client moves it more than 1/n
+                updates = [(arrays, 1) for arrays, _ in updates]
             total = sum(weight for _, weight in updates)
             for i, (arrays, weight) in enumerate(updates):
                 transport.accumulate(self.mean, arrays, self.wire.dtype, weight / total, self.scratch, start=i == 0)
