@@ -118,7 +118,7 @@ def write_charts(run_dir: Path) -> list[Path]:
     series = _series([r for r in records if r.get("event") == "sim-eval"], "server", "success-rate")
     if series:
         written.append(_plot(plt, series, f"Closed-loop success per simulator task — {run}", "success rate",
-                             charts / "sim_success.png"))
+                             charts / "sim_success.png", ylim=(-0.02, 1.02)))  # a rate: 0 reads as 0, not noise
     for key, title, label in (("eval-loss", "Evaluation loss", "flow-matching loss (fixed noise)"),
                               ("eval-action-mae", "Action error", "action MAE (degrees)")):
         series = {f"unseen task: {k}": v for k, v in _series(records, "server", key).items()}
@@ -145,7 +145,8 @@ def _series(records: list[dict], source: str, key: str) -> dict[str, list[tuple[
     return dict(out)
 
 
-def _plot(plt, series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, path: Path) -> Path:
+def _plot(plt, series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, path: Path,
+          ylim: tuple[float, float] | None = None) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -153,6 +154,8 @@ def _plot(plt, series: dict[str, list[tuple[int, float]]], title: str, ylabel: s
         xs, ys = zip(*sorted(points))
         ax.plot(xs, ys, marker="o", label=name)
     ax.set(title=title, xlabel="round", ylabel=ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
     ax.title.set_fontsize(10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.grid(alpha=0.3)
