@@ -40,13 +40,14 @@ from zk0.rounds import RoundState
 from zk0.strategy import SmolVLAStrategy
 
 CLIENTS = 4
+RUN_ID = 1  # the run the replies are bound to (set_task_identity below)
 REPEATS = 5
 WEIGHTS = (160, 120, 80, 40)  # num-examples of the four replies (at most local-steps x batch-size = 160)
 
 
 def reply(wire: transport.Wire, node: int, update: dict[str, torch.Tensor], weight: int) -> Message:
     """A train reply from ``node`` as its ClientApp seals it."""
-    arrays, seal = wire.seal(update)
+    arrays, seal = wire.seal(update, bound_to=transport.binding(RUN_ID, 1))
     payload = ConfigRecord({**seal, "partition-id": node, "dataset": f"client-{node}", "server-round": 1})
     message = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": weight}),
                                   "payload": payload}), dst_node_id=1, message_type=MessageType.TRAIN)
@@ -74,14 +75,14 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bf16", "int8"), default="bf16")
     dtype = parser.parse_args().dtype
     torch.set_num_threads(1)
-    set_task_identity(1, 1, 1)
+    set_task_identity(1, RUN_ID, 1)
     shapes = {n: tuple(p.shape) for n, p in build_policy().named_parameters() if p.requires_grad}
     gen = torch.Generator().manual_seed(0)
     cfg = RunConfig.flat(transport_dtype=dtype, min_train_nodes=CLIENTS)
     with tempfile.TemporaryDirectory() as tmp:
         master = {n: torch.randn(s, generator=gen) * 0.02 for n, s in shapes.items()}
         state = RoundState(cfg, master, "{}", "base", AuditLog(Path(tmp)), lambda record: None, server_round=1)
-        strategy = SmolVLAStrategy(cfg, state.wire)
+        strategy = SmolVLAStrategy(cfg, state.wire, RUN_ID)
         replies = [reply(state.wire, i, {n: torch.randn(s, generator=gen) * 1e-4 for n, s in shapes.items()}, w)
                    for i, w in enumerate(WEIGHTS)]
         values = [{n: t.numpy() for n, t in transport.decode(r.content["arrays"], dtype).items()} for r in replies]

@@ -86,7 +86,8 @@ def hostile(attack: Callable | None):
         update = transport.decode(reply.content["arrays"], dtype)
         first.setdefault("update", update)
         reply.content["arrays"] = transport.encode(attack(update, server_round, first["update"]), dtype)
-        payload["payload-digest"] = transport.digest(reply.content["arrays"])
+        payload["payload-digest"] = transport.digest(reply.content["arrays"],
+                                                     transport.binding(reply.metadata.run_id, server_round))
         return reply
     return intercept
 

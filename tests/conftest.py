@@ -15,6 +15,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+RUN_ID = 1  # the run of the unit tests that build replies by hand (server_identity, federation.train_reply)
 FAST = {"local-steps": 2, "batch-size": 4, "eval-batches": 1, "min-stats-clients": 1}  # small federations
 
 
@@ -59,7 +60,7 @@ def server_identity(monkeypatch) -> None:
     from flwr.supercore.task_identity import TaskIdentity
     from inprocess import SERVER_NODE_ID
 
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SERVER_NODE_ID)):
+    for name, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", SERVER_NODE_ID)):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
@@ -80,4 +81,4 @@ def strategy(round_state):
     """The strategy of the ``round_state`` run, verifying on its server's wire."""
     from zk0.strategy import SmolVLAStrategy
 
-    return SmolVLAStrategy(round_state.cfg, round_state.wire)
+    return SmolVLAStrategy(round_state.cfg, round_state.wire, RUN_ID)

@@ -8,13 +8,13 @@ from pathlib import Path
 from uuid import uuid4
 
 import torch
-from conftest import FAST, ROOT
+from conftest import FAST, ROOT, RUN_ID
 from filelock import FileLock
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.config import get_fused_config_from_dir
 from inprocess import InProcessGrid
 
-from zk0 import client_app, server_app
+from zk0 import client_app, server_app, transport
 from zk0.checkpoint import STATE_FILE
 from zk0.config import RunConfig
 from zk0.registry import load_registry
@@ -84,7 +84,7 @@ def request(node: int, message_type: str = MessageType.TRAIN) -> Message:
 def train_reply(state: RoundState, node: int, update: dict[str, torch.Tensor],
                 metrics: dict | None = None) -> Message:
     """A well-formed train reply from ``node`` (partition ``node - 101``) with ``metrics`` overriding the defaults."""
-    arrays, seal = state.wire.seal(update)
+    arrays, seal = state.wire.seal(update, bound_to=transport.binding(RUN_ID, 1))
     payload = ConfigRecord({**seal, "partition-id": node - 101, "dataset": f"set-{node}", "server-round": 1})
     values = {"train-loss": 1.0, "num-examples": 8} | (metrics or {})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(values), "payload": payload}),

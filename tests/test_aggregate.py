@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import RUN_ID
 from federation import train_reply
 
 from zk0 import transport
@@ -40,7 +41,7 @@ def test_the_mean_is_the_weighted_mean_of_what_travelled_whatever_the_replies_or
     results = []
     for order in itertools.permutations(replies):
         state.master = {n: t.clone() for n, t in before.items()}
-        strategy = SmolVLAStrategy(state.cfg, state.wire)
+        strategy = SmolVLAStrategy(state.cfg, state.wire, RUN_ID)
         receive_train(strategy, state, list(order))
         results.append(state.master)
     assert all(torch.allclose(results[0][n], before[n] + reference[n], rtol=1e-6, atol=1e-7) for n in before)
@@ -51,8 +52,8 @@ def test_each_reply_is_hashed_once_and_the_audit_records_that_digest(state, monk
     replies = [train_reply(state, node, update(node), {"num-examples": w}) for node, w in WEIGHTS.items()]
     hashed = []
     real = transport.digest
-    monkeypatch.setattr(transport, "digest", lambda record: hashed.append(1) or real(record))
-    receive_train(SmolVLAStrategy(state.cfg, state.wire), state, replies)
+    monkeypatch.setattr(transport, "digest", lambda record, bound_to="": hashed.append(1) or real(record, bound_to))
+    receive_train(SmolVLAStrategy(state.cfg, state.wire, RUN_ID), state, replies)
     assert len(hashed) == len(replies)
     audited = [a for a in state.audit.path.read_text().splitlines() if '"received"' in a]
     assert all(r.content["payload"]["payload-digest"] in line for r, line in zip(replies, audited))

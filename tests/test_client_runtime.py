@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from zk0.audit import read_audit
 from zk0.chain import Chain, Held, Latest
 from zk0.tracking import read_metrics
 from zk0.transport import PayloadError
+
+
+RUN_IDS = itertools.count(7000)  # a fresh run per test: the shared process keeps state per run
 
 
 class OwnProcesses:
@@ -34,9 +38,9 @@ class OwnProcesses:
             client_app._RUNTIMES, client_app._SHARED = shared
 
 
-def federate(config: dict, app) -> tuple[Path, InProcessGrid]:
-    """Two rounds of the real ServerApp against ``app`` on two nodes; the run folder and the grid."""
-    grid = InProcessGrid(app, config, 2)
+def federate(config: dict, app, run_id: int) -> tuple[Path, InProcessGrid]:
+    """Two rounds of the real ServerApp against ``app`` on two nodes of run ``run_id``; the run folder and the grid."""
+    grid = InProcessGrid(app, config, 2, run_id=run_id)
     server_app.app(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     (run_dir,) = Path(config["output-dir"]).iterdir()
     return run_dir, grid
@@ -59,9 +63,10 @@ def test_clients_sharing_one_process_reply_what_each_computes_alone(run_config, 
     build = client_app.build_policy
     monkeypatch.setattr(client_app, "build_policy", lambda cfg: built.append(cfg) or build(cfg))
     runs = {}
+    run_id = next(RUN_IDS)  # both runs alike: updates are bound to their run (and the alone run keeps its own state)
     for name, app in (("shared", client_app.app), ("alone", OwnProcesses())):
         config = run_config(num_server_rounds=2, transport_dtype=dtype, output_dir=str(tmp_path / name))
-        runs[name] = federate(config, app)
+        runs[name] = federate(config, app, run_id)
     assert len(built) == 1 + 2  # one policy for the process of two clients, one for each client alone
     (shared, grid), (alone, _) = runs["shared"], runs["alone"]
     sent = replies(shared)

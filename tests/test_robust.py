@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import RUN_ID
 from federation import train_reply
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum
@@ -45,7 +46,7 @@ def replies(state: RoundState, updates: list[dict[str, torch.Tensor]]) -> list[M
 
 
 def aggregate(state: RoundState, messages: list[Message]) -> dict[str, torch.Tensor]:
-    strategy = SmolVLAStrategy(state.cfg, state.wire)
+    strategy = SmolVLAStrategy(state.cfg, state.wire, RUN_ID)
     mean, _ = strategy.aggregate_train(1, strategy.verify_train(1, messages))
     return {name: t.clone() for name, t in mean.items()}
 

@@ -26,7 +26,8 @@ def flip_and_reseal(travelled: dict[int, dict[str, torch.Tensor]]):
         if node == HOSTILE:
             update = {name: SCALE * t for name, t in update.items()}
             reply.content["arrays"] = transport.encode(update, str(payload["transport-dtype"]))
-            payload["payload-digest"] = transport.digest(reply.content["arrays"])
+            bound_to = transport.binding(reply.metadata.run_id, int(payload["server-round"]))
+            payload["payload-digest"] = transport.digest(reply.content["arrays"], bound_to)
         travelled[node] = update
         return reply
     return intercept

@@ -185,10 +185,10 @@ class Held:
         self.model_id = model_id
         return {name: t.float() for name, t in model.items()}
 
-    def seal(self, wire: Wire, update: Mapping[str, torch.Tensor]) -> Payload:
+    def seal(self, wire: Wire, update: Mapping[str, torch.Tensor], bound_to: str = "") -> Payload:
         """``update`` plus the residual, sealed in int8; what int8 could not carry becomes the next residual."""
         if self.residual:
             update = {name: t + self.residual[name] for name, t in update.items()}
-        arrays, seal = wire.seal(update)
+        arrays, seal = wire.seal(update, bound_to=bound_to)
         self.residual = {name: update[name] - sent for name, sent in decode(arrays, "int8").items()}
         return arrays, seal

@@ -228,7 +228,8 @@ def train(msg: Message, context: Context) -> Message:
     with clock.part("codec"):
         update = {n: p.detach().cpu().float() - weights[n] for n, p in trainable_state(rt.policy).items()}
         privatize_update(update, rt.cfg)  # dp runs: clipped to dp-clip-norm (dp=local: and noised)
-        arrays, seal = rt.held.seal(rt.wire, update) if rt.held else rt.wire.seal(update)
+        bound_to = transport.binding(context.run_id, int(config["server-round"]))  # a replay elsewhere fails
+        arrays, seal = rt.held.seal(rt.wire, update, bound_to) if rt.held else rt.wire.seal(update, bound_to=bound_to)
     metrics = MetricRecord({"train-loss": result.loss, "proximal": result.proximal, "grad-norm": result.grad_norm,
                             "steps": result.steps, "lr": float(config["lr"]),
                             "proximal-mu": float(config["proximal-mu"]), "num-examples": result.frames,

@@ -64,7 +64,7 @@ def main(grid: Grid, context: Context) -> None:
         try:
             state = start_state(grid, cfg, policy, fingerprint, saved, audit, tracker.log)
             round_end = ServerRoundEnd(cfg, registry, run, policy, state, tracker)
-            run_rounds(grid, SmolVLAStrategy(cfg, state.wire), state, round_end, run,
+            run_rounds(grid, SmolVLAStrategy(cfg, state.wire, context.run_id), state, round_end, run,
                        first=saved.server_round + 1 if saved else 0)
         except RoundFailed as err:
             log(ERROR, "zk0 run failed: %s", err)  # into zk0.log too; Flower reports the run failed

@@ -104,12 +104,13 @@ def passed[T](verdicts: Iterable[Verdict[T]]) -> list[Verdict[T]]:
 class SmolVLAStrategy(FedAvg):
     """FedProx (or FedAvg, ``mu = 0``) over SmolVLA's trainable tensors, as they travel on the server's ``wire``."""
 
-    def __init__(self, cfg: RunConfig, wire: transport.Wire) -> None:
+    def __init__(self, cfg: RunConfig, wire: transport.Wire, run_id: int) -> None:
         fed = cfg.federation
         super().__init__(fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                          min_train_nodes=fed.min_train_nodes, min_evaluate_nodes=fed.min_evaluate_nodes,
                          min_available_nodes=max(fed.min_train_nodes, fed.min_evaluate_nodes, 1))
         self.cfg, self.wire = cfg, wire
+        self.run_id = run_id  # updates are bound to this run and their round (transport.binding)
         self.scratch = transport.scratch_for(wire.shapes)  # one decoded block at a time
         self.mean: dict[str, torch.Tensor] = {}  # the last round's mean: fp32 buffers reused every round
 
@@ -150,7 +151,7 @@ class SmolVLAStrategy(FedAvg):
         """A train reply's payload, verified against its seal, and its ``num-examples`` weight."""
         weight = checked_reply(reply, self.cfg.train.local_steps * self.cfg.train.batch_size, server_round)
         arrays = reply.content.array_records["arrays"]
-        self.wire.verify(arrays, reply.content.config_records["payload"])
+        self.wire.verify(arrays, reply.content.config_records["payload"], transport.binding(self.run_id, server_round))
         return arrays, weight
 
     def _plausible_update(self, arrays: ArrayRecord) -> ArrayRecord:

@@ -184,9 +184,22 @@ def accumulate(total: Mapping[str, torch.Tensor], record: ArrayRecord, dtype: st
                 rows[part].add_(block, alpha=weight)
 
 
-def digest(record: ArrayRecord) -> str:
-    """SHA-256 of the payload's exact bytes (names, dtypes, shapes and data, name-ordered)."""
+def binding(run_id: int, server_round: int) -> str:
+    """What a client's update is bound to: its run and round.
+
+    The update's digest covers it, and the server recomputes it from its own run and round, never
+    from the reply: a reply replayed from another round or run fails verification even with its
+    payload and digest intact, whatever its ``server-round`` field claims.
+    """
+    return f"zk0 run {run_id} round {server_round}"
+
+
+def digest(record: ArrayRecord, bound_to: str = "") -> str:
+    """SHA-256 of what ``bound_to`` names (a :func:`binding`, if any) and the payload's exact bytes (names, dtypes,
+    shapes and data, name-ordered)."""
     h = hashlib.sha256()
+    if bound_to:
+        h.update(f"{bound_to}|".encode())
     for name in sorted(record.keys()):
         array = record[name]
         h.update(f"{name}|{array.dtype}|{tuple(array.shape)}|".encode())
@@ -199,9 +212,11 @@ def nbytes(record: ArrayRecord) -> int:
     return sum(len(array.data) for array in record.values())
 
 
-def check(record: ArrayRecord, claimed_digest: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Raise :class:`PayloadError` unless the payload matches its digest and the expected arrays' shapes."""
-    actual = digest(record)
+def check(record: ArrayRecord, claimed_digest: str, shapes: Mapping[str, tuple[int, ...]],
+          bound_to: str = "") -> None:
+    """Raise :class:`PayloadError` unless the payload matches its digest (bound to ``bound_to``) and the expected
+    arrays' shapes."""
+    actual = digest(record, bound_to)
     if actual != claimed_digest:
         raise PayloadError(f"payload digest mismatch (claimed {claimed_digest[:12]}…, got {actual[:12]}…)")
     names = set(record.keys())
@@ -229,10 +244,12 @@ class Wire:
     dtype: str
     shapes: Mapping[str, tuple[int, ...]]
 
-    def seal(self, tensors: Mapping[str, torch.Tensor], codec: str | None = None) -> tuple[ArrayRecord, dict[str, str]]:
-        """``tensors`` as they go on the wire (in ``codec``, default the run's dtype), and what verifies them."""
+    def seal(self, tensors: Mapping[str, torch.Tensor], codec: str | None = None,
+             bound_to: str = "") -> tuple[ArrayRecord, dict[str, str]]:
+        """``tensors`` as they go on the wire (in ``codec``, default the run's dtype), and what verifies them; a
+        client's update is ``bound_to`` its run and round (:func:`binding`)."""
         arrays = encode(tensors, codec or self.dtype)
-        return arrays, {"payload-digest": digest(arrays), "base-fingerprint": self.fingerprint,
+        return arrays, {"payload-digest": digest(arrays, bound_to), "base-fingerprint": self.fingerprint,
                         "transport-dtype": self.dtype}
 
     def codec(self, seal: Mapping) -> str | None:
@@ -244,16 +261,16 @@ class Wire:
             raise PayloadError(f"downlink {seal['downlink']!r} on a {self.dtype} wire")
         return DOWNLINK_CODECS[str(seal["downlink"])]
 
-    def verify(self, arrays: ArrayRecord, seal: Mapping) -> str | None:
-        """Raise :class:`PayloadError` unless ``arrays`` were sealed for this base and dtype, unchanged since;
-        return their codec."""
+    def verify(self, arrays: ArrayRecord, seal: Mapping, bound_to: str = "") -> str | None:
+        """Raise :class:`PayloadError` unless ``arrays`` were sealed for this base and dtype (and ``bound_to``),
+        unchanged since; return their codec."""
         other_base, other_dtype = _REFUSALS[self.side]
         if seal["base-fingerprint"] != self.fingerprint:
             raise PayloadError(other_base)
         if seal["transport-dtype"] != self.dtype:
             raise PayloadError(other_dtype.format(sent=seal["transport-dtype"], expected=self.dtype))
         codec = self.codec(seal)
-        check(arrays, str(seal["payload-digest"]), expected_shapes(self.shapes, codec) if codec else {})
+        check(arrays, str(seal["payload-digest"]), expected_shapes(self.shapes, codec) if codec else {}, bound_to)
         return codec
 
     def open(self, arrays: ArrayRecord, seal: Mapping) -> dict[str, torch.Tensor]:

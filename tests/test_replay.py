@@ -1,0 +1,32 @@
+"""Updates are bound to their run and round: a replayed reply fails verification even with its digest intact."""
+
+from __future__ import annotations
+
+from conftest import RUN_ID
+from federation import small_update, train_reply
+
+from zk0 import transport
+
+
+def test_an_update_from_round_1_replayed_into_round_2_is_refused_whatever_its_round_field_says(strategy, round_state):
+    replayed = train_reply(round_state, 101, small_update(0))  # sealed by its client in round 1
+    replayed.content["payload"]["server-round"] = 2  # the field says round 2; the digest was bound to round 1
+    (verdict,) = strategy.verify_train(2, [replayed])
+    assert not verdict.accepted and "payload digest mismatch" in verdict.reason
+
+
+def test_an_update_bound_to_another_run_is_refused_and_the_honest_one_accepted(strategy, round_state):
+    honest = train_reply(round_state, 101, small_update(0))
+    other_run = train_reply(round_state, 102, small_update(1))
+    arrays = other_run.content["arrays"]
+    other_run.content["payload"]["payload-digest"] = transport.digest(arrays, transport.binding(RUN_ID + 1, 1))
+    verdicts = strategy.verify_train(1, [honest, other_run])
+    assert [v.accepted for v in verdicts] == [True, False]
+    assert "payload digest mismatch" in verdicts[1].reason
+
+
+def test_the_binding_is_part_of_the_digest():
+    record = transport.encode(small_update(0), "fp32")
+    digests = {transport.digest(record), transport.digest(record, transport.binding(1, 1)),
+               transport.digest(record, transport.binding(1, 2)), transport.digest(record, transport.binding(2, 1))}
+    assert len(digests) == 4
