@@ -30,3 +30,11 @@ def test_the_binding_is_part_of_the_digest():
     digests = {transport.digest(record), transport.digest(record, transport.binding(1, 1)),
                transport.digest(record, transport.binding(1, 2)), transport.digest(record, transport.binding(2, 1))}
     assert len(digests) == 4
+
+
+def test_a_second_reply_from_the_same_node_is_refused_and_counted_once(strategy, round_state):
+    first = train_reply(round_state, 101, small_update(0))
+    again = train_reply(round_state, 101, small_update(1))  # well formed and sealed: still one node's second reply
+    verdicts = strategy.verify_train(1, [first, again, train_reply(round_state, 102, small_update(2))])
+    assert [v.accepted for v in verdicts] == [True, False, True]
+    assert verdicts[1].reason == "duplicate train reply from node 101 in round 1"

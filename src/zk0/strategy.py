@@ -134,8 +134,18 @@ class SmolVLAStrategy(FedAvg):
                 and self.fraction_evaluate > 0 and not (tuning.adaptive_mu or tuning.dynamic_lr))
 
     def verify_train(self, server_round: int, replies: Iterable[Message]) -> list[Verdict[Update]]:
-        """Each train reply's verdict: its decoded update and weight, once every field the server uses checks out."""
-        return [self._judge_update(reply, server_round) for reply in replies]
+        """Each train reply's verdict: its decoded update and weight, once every field the server uses checks out.
+
+        A node's second reply in one round is refused, whatever it carries: each node was sent one message,
+        and a duplicate would count its update twice.
+        """
+        verdicts, seen = [], set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            verdicts.append(Verdict(reply, reason=f"duplicate train reply from node {node} in round {server_round}")
+                            if node in seen else self._judge_update(reply, server_round))
+            seen.add(node)
+        return verdicts
 
     def _judge_update(self, reply: Message, server_round: int) -> Verdict[Update]:
         """The reply's fields and seal first, then the update they carry; bytes count once they match their digest."""
