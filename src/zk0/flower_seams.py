@@ -13,6 +13,7 @@ this module costs no more than ``flwr.app``.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from importlib.metadata import version
@@ -65,6 +66,16 @@ def deployed(grid: Grid) -> bool:
     from flwr.superlink.grid import HttpGrid
 
     return isinstance(grid, HttpGrid)
+
+
+def add_console_filter(log_filter: logging.Filter) -> None:
+    """Filter what Flower's console handler prints (and only that: other handlers of Flower's logger, such as a
+    run's ``zk0.log``, still get every line). 1.42 has no public handle on its console handler
+    (``flwr.supercore.logger.console_handler``). Adding the same kind of filter twice is a no-op."""
+    from flwr.common.logger import console_handler
+
+    if not any(type(existing) is type(log_filter) for existing in console_handler.filters):
+        console_handler.addFilter(log_filter)
 
 
 # Any process that creates messages

@@ -110,10 +110,9 @@ class NotSampling(logging.Filter):
 
 def quiet_flower_sampling() -> None:
     """Keep Flower's per-phase sampling lines off its console handler (``zk0.log`` still has them)."""
-    from flwr.common.logger import console_handler
+    from zk0.flower_seams import add_console_filter
 
-    if not any(isinstance(f, NotSampling) for f in console_handler.filters):
-        console_handler.addFilter(NotSampling())
+    add_console_filter(NotSampling())
 
 
 def quiet_libraries() -> None:
