@@ -138,7 +138,7 @@ def run_rounds(grid: Grid, strategy: SmolVLAStrategy, state: RoundState, round_e
             break  # a resumed dp run that had stopped for its budget
         state.server_round = server_round
         if server_round:
-            log(INFO, "zk0 round %d/%d", server_round, state.cfg.federation.num_server_rounds)
+            log(INFO, "zk0 round %d/%d: training", server_round, state.cfg.federation.num_server_rounds)
             train_round(grid, strategy, state, round_end)
         last = server_round == state.cfg.federation.num_server_rounds or not state.privacy.affords(server_round + 1)
         state.end_pending = not last and strategy.evaluates_with_next_train(server_round)
