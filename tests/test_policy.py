@@ -9,8 +9,9 @@ import torch
 
 from zk0 import tiny
 from zk0.config import RunConfig
-from zk0.policy import (SMOLVLA_SIZE, ModelUnavailable, base_fingerprint, build_policy, load_trainable,
-                        local_config, require_model, resolve_device, tiny_config, trainable_shapes, trainable_state)
+from zk0.model_source import ModelUnavailable, require_model
+from zk0.policy import (SMOLVLA_SIZE, base_fingerprint, build_policy, load_trainable,
+                        local_config, resolve_device, tiny_config, trainable_shapes, trainable_state)
 
 
 def make(seed: int = 42, chunk_size: int = 5):

@@ -11,8 +11,6 @@ fingerprint.
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
 import torch
 from lerobot.configs.types import FeatureType, PolicyFeature
@@ -23,16 +21,13 @@ from zk0 import so101, tiny
 from zk0.checkpoint import load_config
 from zk0.config import RunConfig
 from zk0.logs import prints_to_debug
+from zk0.model_source import ModelUnavailable, require_model
 
 TINY = "tiny"
 SMOLVLA_SIZE = "smolvla-size"
 # Locally built models and how many VLM layers SmolVLA keeps (smolvla_base keeps 16).
 LOCAL_MODELS = {TINY: 4, SMOLVLA_SIZE: 16}
 POLICY_FPS = 30  # SO-100/SO-101 recordings and smolvla_base use 30 fps
-
-
-class ModelUnavailable(RuntimeError):
-    """The requested pretrained model cannot be loaded (offline, missing, not a SmolVLA)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,16 +91,6 @@ def policy_config(cfg: RunConfig) -> SmolVLAConfig:
     return config
 
 
-def require_model(name: str) -> None:
-    """Fail within seconds, with one line, unless ``name`` is local (built, or a folder) or a reachable hub model."""
-    if name in LOCAL_MODELS or Path(name).expanduser().is_dir():
-        return
-    if name.startswith(("/", ".", "~")):
-        raise ModelUnavailable(f"model folder {name!r} does not exist: pass a folder saved by "
-                               "SmolVLAPolicy.save_pretrained, a hub id, or model-name=\"tiny\"")
-    _require_hub_model(name)
-
-
 def _load_pretrained(name: str, device: torch.device) -> SmolVLAPolicy:
     """Load a pretrained SmolVLA, failing within seconds with one line when it is unreachable.
 
@@ -120,28 +105,6 @@ def _load_pretrained(name: str, device: torch.device) -> SmolVLAPolicy:
     except (OSError, ValueError) as err:
         raise ModelUnavailable(f"model {name!r} could not be loaded as a SmolVLA policy: "
                                f"{str(err).splitlines()[0]}") from None
-
-
-def _require_hub_model(repo_id: str) -> None:
-    """Fail fast unless ``repo_id`` is in the local hub cache or the hub answers within seconds."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        snapshot_download(repo_id, local_files_only=True)
-        return
-    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise ModelUnavailable(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
-                               "set: download it on a connected machine or use model-name=\"tiny\"")
-    try:
-        HfApi().model_info(repo_id, timeout=5)
-    except Exception as err:  # HTTP, DNS, TLS, validation: any failure means we cannot load it
-        if isinstance(err, HfHubHTTPError) and getattr(err.response, "status_code", None) == 404:
-            raise ModelUnavailable(f"model {repo_id!r} does not exist on the Hugging Face hub") from None
-        raise ModelUnavailable(f"model {repo_id!r} is unreachable on the Hugging Face hub "
-                               f"({type(err).__name__}); check the network or use model-name=\"tiny\"") from None
 
 
 def trainable_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:

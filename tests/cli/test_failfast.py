@@ -53,6 +53,9 @@ CASES = {
     "simulate-resume-nothing": (["simulate", "--resume", "{tmp}/none"], "error: --resume {tmp}/none: no readable"),
     "simulate-resume-from-nothing": (["simulate", "-c", "resume-from='{tmp}/none'"],
                                      "error: run-config resume-from='{tmp}/none': no such folder"),
+    "simulate-model-folder": (["simulate", "-c", "model-name='{tmp}/none'"], "error: model folder '{tmp}/none' does"),
+    "baseline-model-folder": (["baseline", "--mode", "local", "-c", "model-name='{tmp}/none'"],
+                              "error: model folder '{tmp}/none' does not exist"),
     "baseline-mode": (["baseline", "--mode", "nope"], "error: --mode must be one of centralized|local"),
     "baseline-too-many-clients": (["baseline", "--mode", "local", "-n", "9"], "error: --num-clients 9 exceeds"),
     "push-nothing": (["push", "{tmp}/none", "--repo-id", "a/b"], "error: {tmp}/none has no checkpoint"),
@@ -69,6 +72,8 @@ CASES = {
     "server-start-nothing": (["server", "start", "-d", "{tmp}/none"], "error: {tmp}/none is not a zk0 server folder"),
     "run-nothing": (["run", "-d", "{tmp}/none"], "error: {tmp}/none is not a zk0 server folder"),
 }
+if not Path("/proc/driver/nvidia").exists():  # a machine without a GPU refuses cuda before importing torch
+    CASES["simulate-cuda"] = (["simulate", "-c", "device='cuda'"], "error: run-config device='cuda' but no CUDA GPU")
 TASK_CASES = {  # these may load MuJoCo (the task table), never torch or LeRobot
     "generate-task": (["data", "generate", "fold-laundry"], "error: unknown simulator task(s) fold-laundry"),
     "eval-task": (["eval", "{ckpt}", "--sim", "--task", "fold-laundry"], "error: unknown simulator task(s)"),

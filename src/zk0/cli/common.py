@@ -7,6 +7,7 @@ the training stack loads (about ten seconds; minutes on a loaded machine).
 
 from __future__ import annotations
 
+import ctypes
 import tomllib
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -96,17 +97,23 @@ def check_setup(cfg: RunConfig, clients: int | None) -> None:
         registry = load_registry(cfg.data.datasets, cfg.data.registry)
     except RegistryError as err:
         fail(err)
+    from zk0.model_source import ModelUnavailable, require_model
+
+    try:
+        require_model(cfg.model.model_name)  # before the seconds that torch and LeRobot take to import
+    except ModelUnavailable as err:
+        fail(err)
+    require_cuda(cfg, clients_here=clients is not None)
     from zk0.checkpoint import ResumeError, RunFolder
     from zk0.data import DatasetError, preflight
     from zk0.logs import quiet_libraries
-    from zk0.policy import ModelUnavailable, policy_config
+    from zk0.policy import policy_config
 
     quiet_libraries()  # recording embedded datasets here would print FFmpeg's statistics
 
     try:
         if cfg.tracking.resume_from:
             RunFolder.existing(cfg.tracking.resume_from)
-        require_cuda(cfg, clients_here=clients is not None)
         policy_cfg = policy_config(cfg)
         for entry in registry.clients[:clients or 0]:
             preflight(entry, policy_cfg, training=True)  # embedded ones are recorded here, once, before clients start
@@ -117,13 +124,25 @@ def check_setup(cfg: RunConfig, clients: int | None) -> None:
 
 
 def require_cuda(cfg: RunConfig, clients_here: bool) -> None:
-    """``cuda`` where this machine runs it (the server; clients too in simulation) needs a visible GPU."""
-    import torch
+    """``cuda`` where this machine runs it (the server; clients too in simulation) needs a visible GPU.
 
+    Without a CUDA driver library no GPU can be visible, which is known without importing torch.
+    """
     wanted = [("server-device", cfg.eval.server_device)] + ([("device", cfg.train.device)] if clients_here else [])
     for key, value in wanted:
-        if value == "cuda" and not torch.cuda.is_available():
+        if value == "cuda" and not _cuda_visible():
             fail(ConfigError(f"run-config {key}='cuda' but no CUDA GPU is visible here; use 'auto' or 'cpu'"))
+
+
+def _cuda_visible() -> bool:
+    """Whether torch sees a CUDA GPU; a machine without the driver library answers at once."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def registry_clients(cfg: RunConfig, requested: int | None = None) -> int:

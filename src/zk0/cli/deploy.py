@@ -263,8 +263,14 @@ def check_node_data(entry: DatasetEntry, model: str | None) -> dict[str, str]:
     from zk0.cli.common import settle_config
 
     _, cfg = settle_config({"model-name": model} if model else {}, None)
+    from zk0.model_source import ModelUnavailable, require_model
+
+    try:
+        require_model(cfg.model.model_name)  # in seconds: before torch and LeRobot import
+    except ModelUnavailable as err:
+        fail(str(err))
     from zk0.data import DatasetError, describe_cameras, open_metadata, preflight
-    from zk0.policy import ModelUnavailable, policy_config
+    from zk0.policy import policy_config
 
     try:
         policy_cfg = policy_config(cfg)

@@ -40,8 +40,8 @@ def simulate(
         fail(ConfigError(f"--num-clients {n} is below min-train-nodes={fed.min_train_nodes} / min-evaluate-nodes="
                          f"{fed.min_evaluate_nodes} / min-stats-clients={fed.min_stats_clients}: the server would "
                          f"wait for clients that never come"))
-    resources = {"num_cpus": client_cpus, "num_gpus": client_gpu_share(cfg, n, client_gpus)}
     check_setup(cfg, n)
+    resources = {"num_cpus": client_cpus, "num_gpus": client_gpu_share(cfg, n, client_gpus)}
     before = set(Path(cfg.tracking.output_dir).glob("*")) if Path(cfg.tracking.output_dir).exists() else set()
     quiet_simulation_runtime()
     _run_simulation(overrides, n, resources)
