@@ -149,8 +149,8 @@ def test_broken_video_one_line_naming_the_file_camera_and_episode(roots, tmp_pat
 
 
 def test_a_bounded_store_evicts_and_stays_exact(roots, store):
-    store.budget = 2 * FRAMES * 3 * tiny.IMAGE_SIZE**2  # room for one camera's episode (and its lead-in), not two
     ours = frames.serve_frames(lerobot(roots["h264-3cams"]))
+    store.budget = 2 * FRAMES * 3 * tiny.IMAGE_SIZE**2  # room for one camera's episode (and its lead-in), not two
     assert ours.reader.keep_episodes
     assert_same_samples(ours, lerobot(roots["h264-3cams"]), list(range(0, len(ours), 3)))
     assert 0 < store.nbytes <= store.budget and len(store.episodes) < EPISODES * 3
@@ -158,11 +158,25 @@ def test_a_bounded_store_evicts_and_stays_exact(roots, store):
 
 def test_a_dataset_too_big_to_keep_is_read_per_sample(roots, store, monkeypatch):
     ours = lerobot(roots["h264-2cams"])
-    monkeypatch.setattr(frames, "FRAME_CACHE_BYTES", frames.decoded_bytes(ours) - 1)
+    store.budget = frames.decoded_bytes(ours) - 1
     frames.serve_frames(ours)
     assert not ours.reader.keep_episodes
     ours[0], ours[len(ours) - 1]
     assert store.nbytes == 0 and not store.episodes and len(store.videos) == 2
+
+
+def test_datasets_that_fit_alone_but_not_together_keep_only_what_fits(roots, store):
+    # A pooled baseline opens every client's dataset in one process: sharing one cache they
+    # would evict each other and decode whole episodes per sample.
+    first, second = lerobot(roots["h264-2cams"]), lerobot(roots["h264-3cams"])
+    store.budget = frames.decoded_bytes(first) + frames.decoded_bytes(second) - 1
+    frames.serve_frames(first), frames.serve_frames(second)
+    assert first.reader.keep_episodes and not second.reader.keep_episodes
+    for i in range(0, len(second), 7):
+        first[i % len(first)], second[i]
+    assert store.episodes and all(roots["h264-2cams"] in clip.path.parents for clip in store.episodes)
+    assert len(store.episodes) == EPISODES * 2  # nothing evicted: each episode decoded once
+    assert_same_samples(second, lerobot(roots["h264-3cams"]), list(range(0, len(second), 5)))
 
 
 def test_max_open_videos_is_a_bound(roots, store):

@@ -5,10 +5,11 @@ sample and camera, in a fresh thread pool: on the embedded datasets that is most
 time. Here every process (a client, each of its DataLoader workers, the server) keeps one
 :class:`FrameStore` of
 
-* decoded episodes (uint8, one per camera) when every frame of a dataset fits
-  :data:`FRAME_CACHE_BYTES`: each episode's video is decoded once per process, later samples are
-  lookups. A dataset that does not fit never uses it: with shuffled samples a partial cache would
-  decode whole episodes for a few frames each;
+* decoded episodes (uint8, one per camera) of the datasets whose frames fit what is left of
+  :data:`FRAME_CACHE_BYTES` when they are opened (each dataset reserves its share): each episode's
+  video is decoded once per process, later samples are lookups. A dataset that does not fit never
+  uses it: with shuffled samples a partial cache would decode whole episodes for a few frames each,
+  and so would datasets that fit one by one but not together (a pooled centralized baseline);
 * open videos (at most :data:`MAX_OPEN_VIDEOS`), seeking within them per sample as LeRobot does.
 
 The frames are LeRobot's, bit for bit: the same seek, the same rgb24 conversion, the same
@@ -35,7 +36,7 @@ from lerobot.datasets.dataset_reader import DatasetReader
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.datasets.video_utils import FrameTimestampError
 
-FRAME_CACHE_BYTES = 512 * 2**20  # decoded frames kept per process; a dataset whose frames exceed it is not kept
+FRAME_CACHE_BYTES = 2 * 2**30  # decoded frames kept per process, over all its datasets (100 embedded episodes: 0.2-0.4 GiB)
 MAX_OPEN_VIDEOS = 16  # open containers per process (LeRobot v3 puts many episodes in one file per camera)
 
 
@@ -122,10 +123,19 @@ class FrameStore:
     def __init__(self, budget: int = FRAME_CACHE_BYTES, max_open: int = MAX_OPEN_VIDEOS,
                  episodes: OrderedDict[Clip, Decoded] | None = None):
         self.budget, self.max_open = budget, max_open
+        self.reserved = 0  # bytes promised to the datasets that keep their episodes
         self.episodes: OrderedDict[Clip, Decoded] = episodes if episodes is not None else OrderedDict()
         self.nbytes = sum(decoded.frames.nbytes for decoded in self.episodes.values())  # frames: one tensor each
         self.videos: OrderedDict[Path, av.container.InputContainer] = OrderedDict()
         self.lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> bool:
+        """Whether a dataset of ``nbytes`` decoded frames may keep its episodes (then they are promised to it)."""
+        with self.lock:
+            if self.reserved + nbytes > self.budget:
+                return False
+            self.reserved += nbytes
+            return True
 
     def frames(self, clip: Clip, timestamps: list[float], tolerance_s: float, keep: bool) -> torch.Tensor:
         """uint8 frames (N, C, H, W) of ``clip``'s video nearest ``timestamps``; ``keep`` the decoded episode."""
@@ -192,7 +202,8 @@ def _after_fork() -> None:
     """
     global _store
     _inherited.append(_store.videos)
-    _store = FrameStore(_store.budget, _store.max_open, _store.episodes)
+    parent, _store = _store, FrameStore(_store.budget, _store.max_open, _store.episodes)
+    _store.reserved = parent.reserved
 
 
 os.register_at_fork(before=gc.collect, after_in_child=_after_fork)
@@ -246,6 +257,6 @@ def serve_frames(dataset: LeRobotDataset) -> LeRobotDataset:
     """
     if dataset.meta.video_keys and not dataset.meta.depth_keys:
         dataset.reader.__class__ = FrameReader
-        dataset.reader.keep_episodes = decoded_bytes(dataset) <= FRAME_CACHE_BYTES
+        dataset.reader.keep_episodes = store().reserve(decoded_bytes(dataset))
         dataset.reader.clips = {}
     return dataset
