@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from conftest import RUN_ID
-from federation import small_update, train_reply
+from federation import request, small_update, train_reply
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from zk0 import transport
 
@@ -38,3 +39,16 @@ def test_a_second_reply_from_the_same_node_is_refused_and_counted_once(strategy,
     verdicts = strategy.verify_train(1, [first, again, train_reply(round_state, 102, small_update(2))])
     assert [v.accepted for v in verdicts] == [True, False, True]
     assert verdicts[1].reason == "duplicate train reply from node 101 in round 1"
+
+
+def test_a_second_evaluation_from_the_same_node_is_refused(strategy):
+    def evaluation(node: int, loss: float) -> Message:
+        content = RecordDict({"metrics": MetricRecord({"eval-loss": loss, "eval-action-mae": 1.0, "num-examples": 4}),
+                              "payload": ConfigRecord({"partition-id": node - 101, "dataset": f"set-{node}",
+                                                       "server-round": 1})})
+        return Message(content, reply_to=request(node, MessageType.EVALUATE))
+
+    verdicts = strategy.verify_evaluate(1, [evaluation(101, 0.5), evaluation(101, 9.0), evaluation(102, 0.7)])
+    assert [v.accepted for v in verdicts] == [True, False, True]
+    assert verdicts[1].reason == "duplicate evaluate reply from node 101 in round 1"
+    assert strategy.aggregate_evaluate(1, verdicts)["eval-loss"] == 0.6

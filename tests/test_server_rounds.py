@@ -138,6 +138,11 @@ def test_a_failed_round_ends_the_previous_one_and_a_resume_redoes_that_end_once(
     assert sorted(evaluations(records, "client-eval")) == sorted(evaluations(both_ways["in-train"][2], "client-eval"))
     a, b = final_master(run_dir), final_master(both_ways["in-train"][0])
     assert all(torch.equal(a[n], b[n]) for n in a)
+    # round 1's own train bytes, counted before the stop, are in its record along with its evaluations'
+    ends = {r["round"]: r for r in records if r.get("event") == "round"}
+    unbroken = {r["round"]: r for r in both_ways["in-train"][2] if r.get("event") == "round"}
+    assert {k: ends[1][k] for k in ("bytes-down", "bytes-up")} == {k: unbroken[1][k] for k in ("bytes-down", "bytes-up")}
+    assert ends[1]["aggregate-seconds"] > 0
 
 
 def test_the_evaluation_a_train_reply_carries_is_checked_as_an_evaluate_reply(strategy, round_state, events):
@@ -168,3 +173,30 @@ def request_to(node: int, like: Message) -> Message:
     message = request(node, like.metadata.message_type)
     message.content["config"] = like.content["config"]
     return message
+
+
+def test_a_node_whose_evaluation_fails_still_trains_every_round(run_config, monkeypatch):
+    """The evaluation a train message carries can fail (a broken held-out video) on one node: that evaluation is
+    a failed one, with its one-line reason, and the node's update of the same reply still counts."""
+    from zk0 import client_app
+
+    evaluate = client_app.held_out_metrics
+
+    def broken_on_partition_1(rt, pre, post):
+        if rt.partition_id == 1:
+            raise ValueError("video /home/owner/private/ep7.mp4 does not decode")
+        return evaluate(rt, pre, post)
+
+    monkeypatch.setattr(client_app, "held_out_metrics", broken_on_partition_1)
+    run_dir, grid = run_federation(run_config(**{"num-server-rounds": ROUNDS, "min-evaluate-nodes": 1}))
+    records = read_metrics(run_dir / "metrics.jsonl")
+    broken = 102  # partition 1
+    trained = Counter(r["round"] for r in records if r["source"] == "client" and r.get("node") == broken)
+    assert trained == Counter(range(1, ROUNDS + 1))
+    accepted = {(a["round"], a["node"]) for a in read_audit(run_dir)
+                if a["phase"] == "train" and a["direction"] == "received" and a["status"] == "accepted"}
+    assert {(r, broken) for r in range(1, ROUNDS + 1)} <= accepted
+    failed = [r for r in records if r.get("node") == broken and r.get("phase") == "evaluate"]
+    assert sorted(r["round"] for r in failed) == list(range(ROUNDS + 1))
+    assert all("ValueError: video ep7.mp4 does not decode" in r["reason"] for r in failed), [r["reason"] for r in failed]
+    assert not [r for r in records if r["source"] == "client-eval" and r.get("node") == broken]

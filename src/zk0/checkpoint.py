@@ -98,6 +98,7 @@ class ServerState:
     tuned: dict = field(default_factory=dict)  # server-optimizer moments and the tuning (mu, lr factor) state
     pending_end: list | None = None  # the round's records so far when its end (evaluations, checkpoint) is to come
     privacy: dict = field(default_factory=dict)  # dp runs: the accountant's ledger and the noise generator's state
+    pending_measured: dict = field(default_factory=dict)  # that round's bytes and seconds so far (RoundState.measured)
 
     def save(self, run: RunFolder) -> None:
         """Write atomically: a crash while saving leaves the previous round's state intact."""

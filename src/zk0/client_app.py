@@ -34,13 +34,12 @@ from zk0.evaluate import evaluate_dataset
 from zk0.logs import quiet_libraries
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_shapes, trainable_state
 from zk0.privacy import client_stats, privatize_update
-from zk0.reasons import error_reason
+from zk0.reasons import CLIENT_ERROR, error_reason
 from zk0.stopwatch import Stopwatch
 from zk0.registry import DatasetEntry, load_registry, parse_camera_map
 from zk0.train import train_steps
 
 app = ClientApp()
-CLIENT_ERROR = 100  # Error.code of a reply whose handler failed; the reason is one short line
 
 
 @dataclass
@@ -212,13 +211,20 @@ def train(msg: Message, context: Context) -> Message:
 
     With ``evaluate-first`` the server also asks for the evaluation of the tensors received (the
     previous round's global model): they are evaluated first, exactly as :func:`evaluate` does, and
-    the reply carries those metrics as ``eval-metrics``, so the model travels once per round.
+    the reply carries those metrics as ``eval-metrics``, so the model travels once per round. An
+    evaluation that fails is reported as ``eval-error`` in the payload; the update still goes.
     """
     rt = runtime(context)
     clock = Stopwatch()
     with clock.part("codec"):
         weights, config, pre, post = receive_global(rt, msg)
-    records = {"eval-metrics": held_out_metrics(rt, pre, post)} if config.get("evaluate-first") else {}
+    records, evaluation = {}, {}
+    if config.get("evaluate-first"):
+        try:
+            records["eval-metrics"] = held_out_metrics(rt, pre, post)
+        except Exception as err:  # a failed evaluation must not cost the round its update
+            log(ERROR, "zk0 client: the evaluation carried by the train message failed:\n%s", traceback.format_exc())
+            evaluation["eval-error"] = error_reason(err)
     round_seed = rt.cfg.seed + 1000 * int(config["server-round"]) + rt.partition_id
     torch.manual_seed(round_seed)  # flow-matching noise
     stream = batches(rt.loader, round_seed, rt.split.entry.cameras)
@@ -234,7 +240,7 @@ def train(msg: Message, context: Context) -> Message:
                             "steps": result.steps, "lr": float(config["lr"]),
                             "proximal-mu": float(config["proximal-mu"]), "num-examples": result.frames,
                             **clock.record()})
-    payload = ConfigRecord({**seal, **about(rt), **holding(rt), "server-round": int(config["server-round"])})
+    payload = ConfigRecord({**seal, **about(rt), **holding(rt), **evaluation, "server-round": int(config["server-round"])})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "payload": payload, **records}), reply_to=msg)
 
 

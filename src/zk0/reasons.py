@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+CLIENT_ERROR = 100  # Error.code of a node's failed reply (or failed carried evaluation); its reason is one line
 _SEP = r"(?:/(?!/)|\\{1,2}(?!\\))"  # "/" but not "//" (URLs), "\" or an escaped "\\" (Windows)
 _PATH = re.compile(rf"""(?<![\w.~/\\])(?:~|[A-Za-z]:)?(?:{_SEP}[^\s/\\'"`<>|:;,()\[\]{{}}]+)+{_SEP}?""")
 _FRAME = re.compile(r'((?: *\|)?)( +)File "')  # a traceback frame: (margin of a group's "|", indent)

@@ -46,6 +46,7 @@ from zk0.tracking import Tracker
 from zk0.tuning import Tuning
 
 Event = Callable[[dict], None]
+TRAFFIC = ("bytes-down", "bytes-up")  # what a round's record counts of the payloads that travelled
 SOURCES = {"train": "client", "evaluate": "client-eval"}  # phase: the source its replies' metrics are logged as
 
 
@@ -94,6 +95,7 @@ class RoundState:
         state = cls(cfg, saved.master, saved.norm_stats, saved.fingerprint, audit, on_event, saved.server_round,
                     saved.pending_end is not None, downlink=saved.downlink, tuned=saved.tuned)
         state.privacy.load_state_dict(saved.privacy)
+        state.add_measured(saved.server_round, saved.pending_measured)
         return state
 
     def save(self, run: RunFolder, records: list[dict]) -> None:
@@ -103,7 +105,8 @@ class RoundState:
         ServerState(self.server_round, self.master, self.norm_stats, self.cfg.to_run_config(), self.fingerprint,
                     random.getstate(), torch.get_rng_state(), self.chain.state() if self.chain else {},
                     {"server-optimizer": self.optimizer.state_dict(), "tuning": self.tuning.state_dict()},
-                    records if self.end_pending else None, self.privacy.state_dict()).save(run)
+                    records if self.end_pending else None, self.privacy.state_dict(),
+                    self.measured(self.server_round, keep=True) if self.end_pending else {}).save(run)
 
     def train_config(self) -> ConfigRecord:
         """What this round's train messages tell clients to use: the scheduled lr times the tuning's factor, and mu."""
@@ -178,11 +181,20 @@ class RoundState:
         """The seconds the loop spends on each part of ``server_round``."""
         return self.clocks.setdefault(server_round, Stopwatch())
 
-    def measured(self, server_round: int) -> dict[str, float]:
+    def measured(self, server_round: int, keep: bool = False) -> dict[str, float]:
         """``server_round``'s bytes sent and received and the loop's seconds per part, as the round record names
-        them; the round's counts are done with."""
-        clock = self.clocks.pop(server_round, Stopwatch())
-        return {key: self.traffic.pop((server_round, key), 0) for key in ("bytes-down", "bytes-up")} | clock.record()
+        them; the round's counts are done with unless ``keep`` (a state saved with the round's end pending)."""
+        clock = self.clocks.get(server_round, Stopwatch()) if keep else self.clocks.pop(server_round, Stopwatch())
+        take = self.traffic.get if keep else self.traffic.pop
+        return {key: take((server_round, key), 0) for key in TRAFFIC} | clock.record()
+
+    def add_measured(self, server_round: int, measured: Mapping[str, float]) -> None:
+        """Count what :meth:`measured` gave (saved before a resume) into ``server_round``'s bytes and seconds."""
+        for key, value in measured.items():
+            if key in TRAFFIC:
+                self.traffic[(server_round, key)] += int(value)
+            else:
+                self.clock(server_round).seconds[key.removesuffix("-seconds")] += value
 
 
 def _held_model(reply: Message) -> str | None:

@@ -12,7 +12,7 @@ import time
 from logging import ERROR, INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from lerobot.policies.factory import make_pre_post_processors
@@ -28,6 +28,7 @@ from zk0.logs import quiet_flower_sampling, quiet_libraries, run_log
 from zk0.model_card import model_card
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_state
 from zk0.privacy import check_budget, pool_stats
+from zk0.reasons import CLIENT_ERROR, one_line
 from zk0.registry import Registry, load_registry
 from zk0.report import summary_table
 from zk0.rounds import Event, RoundEnd, RoundState, report
@@ -216,9 +217,11 @@ def sort_replies(messages: list[Message], replies: list[Message]) -> tuple[list[
 def carried_evaluation(reply: Message, request: Message) -> Message:
     """The evaluation a reply to an ``evaluate-first`` train message carries, as the evaluate reply it stands for
     (its ``eval-metrics``, and the payload naming its sender and round), so it is checked, audited and logged
-    as one; a failed reply is a failed evaluation too."""
+    as one; a failed reply, or one whose evaluation failed (``eval-error``), is a failed evaluation."""
     if reply.has_error():
         return Message(reply.error, reply_to=request)
+    if reason := reply.content.config_records["payload"].get("eval-error") if "payload" in reply.content else None:
+        return Message(Error(code=CLIENT_ERROR, reason=one_line(str(reason))), reply_to=request)
     records = {"metrics": reply.content.metric_records.get("eval-metrics"),
                "payload": reply.content.config_records.get("payload")}
     return Message(RecordDict({name: record for name, record in records.items() if record is not None}),

@@ -65,8 +65,9 @@ class ServerOptimizer:
 
     def _adaptive(self, master: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], server_round: int) -> None:
         """FedAdam / FedYogi: first and second moments of the delta, then a normalised step."""
-        m = self.moments.setdefault("m", {n: torch.zeros_like(d) for n, d in delta.items()})
-        v = self.moments.setdefault("v", {n: torch.zeros_like(d) for n, d in delta.items()})
+        if "m" not in self.moments:  # zeros made once: a setdefault would build two models' worth every round
+            self.moments.update({kind: {n: torch.zeros_like(d) for n, d in delta.items()} for kind in ("m", "v")})
+        m, v = self.moments["m"], self.moments["v"]
         for name, d in delta.items():
             m[name].mul_(self.beta_1).add_(d, alpha=1 - self.beta_1)
             square = d * d

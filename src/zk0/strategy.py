@@ -139,13 +139,7 @@ class SmolVLAStrategy(FedAvg):
         A node's second reply in one round is refused, whatever it carries: each node was sent one message,
         and a duplicate would count its update twice.
         """
-        verdicts, seen = [], set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            verdicts.append(Verdict(reply, reason=f"duplicate train reply from node {node} in round {server_round}")
-                            if node in seen else self._judge_update(reply, server_round))
-            seen.add(node)
-        return verdicts
+        return once_per_node(replies, "train", server_round, lambda reply: self._judge_update(reply, server_round))
 
     def _judge_update(self, reply: Message, server_round: int) -> Verdict[Update]:
         """The reply's fields and seal first, then the update they carry; bytes count once they match their digest."""
@@ -220,14 +214,29 @@ class SmolVLAStrategy(FedAvg):
                               "byzantine-clients")
 
     def verify_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[Verdict[int]]:
-        """Each evaluate reply's verdict: its ``num-examples`` weight, once its fields check out."""
+        """Each evaluate reply's verdict: its ``num-examples`` weight, once its fields check out; a node's second
+        evaluation in one round is refused (it would count twice in the mean the tuning follows)."""
         limit = self.cfg.eval.eval_batches * self.cfg.train.batch_size
-        return [judge(reply, lambda checked: checked_reply(checked, limit, server_round)) for reply in replies]
+        return once_per_node(replies, "evaluate", server_round,
+                             lambda reply: judge(reply, lambda checked: checked_reply(checked, limit, server_round)))
 
     def aggregate_evaluate(self, server_round: int, verdicts: list[Verdict[int]]) -> MetricRecord | None:
         """The accepted replies' held-out metrics, weighted by ``num-examples``."""
         accepted = passed(verdicts)
         return _mean_metrics([verdict.reply for verdict in accepted]) if accepted else None
+
+
+def once_per_node(replies: Iterable[Message], phase: str, server_round: int,
+                  judge_one: Callable[[Message], Verdict]) -> list[Verdict]:
+    """``judge_one`` of each reply, except a node's second reply of the phase in the round: refused, whatever it
+    carries (each node was sent one message)."""
+    verdicts, seen = [], set()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        verdicts.append(Verdict(reply, reason=f"duplicate {phase} reply from node {node} in round {server_round}")
+                        if node in seen else judge_one(reply))
+        seen.add(node)
+    return verdicts
 
 
 def evaluating_first(train: list[Message], evaluate: list[Message]) -> list[Message]:

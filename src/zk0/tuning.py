@@ -1,7 +1,8 @@
 """The seed's dynamic tuning: FedProx's mu and the clients' learning rate follow the global held-out loss.
 
-Both react to the same signal, the federation's held-out loss (the ``num-examples``-weighted
-mean of the clients' ``eval-loss`` on their held-out episodes) of each evaluated round, and
+Both react to the same signal, the federation's held-out loss (the mean of the clients'
+``eval-loss`` on their held-out episodes, each client counting once, as the progress line
+shows it: a client with more held-out frames does not steer the others' mu) of each evaluated round, and
 both act on the *next* round's train messages, so what a client trains with is what the
 server decided and logged:
 
