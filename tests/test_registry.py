@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from zk0.sim.scene import TASKS
+
 from zk0.registry import (DatasetEntry, Registry, RegistryError, default_pyproject, format_camera_map, load_registry,
                           parse_camera_map)
 
@@ -152,6 +154,10 @@ server-eval = ["local:/data/unseen"]
     ('[lab]\nclients = ["local:/x"]\nserver_eval = []', "unknown key(s) server_eval"),
     ('[lab]\nclients = [{ uri = "local:/x", cameras = ["top"] }]', "cameras must be a table"),
     ('[lab]\nclients = [{ uri = "" }]', "needs a string 'uri'"),
+    ('[lab]\nclients = [{ uri = "local:/x", episodes = 50 }]', "episodes apply to embedded: datasets only"),
+    ('[lab]\nclients = [{ uri = "embedded:red-pick", episodes = 1 }]', "episodes must be an integer in [2, 2000]"),
+    ('[lab]\nclients = [{ uri = "embedded:red-pick", shard = "1" }]', "shard must be an integer in [0, 9]"),
+    ('[lab]\nclients = [{ uri = "embedded:red-pick", episode = 50 }]', "unknown key(s) episode; expected uri"),
 ])
 def test_bad_registry_file_is_one_line(tmp_path, body, message):
     path = tmp_path / "reg.toml"
@@ -203,3 +209,20 @@ def test_installed_wheel_carries_the_registry(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True,
                          cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}).stdout
     assert out.split() == [str(tmp_path / "site" / "zk0" / "pyproject.toml"), "4"]
+
+
+def test_benchmark_profiles_record_more_demonstrations_in_distinct_shards():
+    from zk0.sim.embedded import embedded_root, embedded_seed
+    from zk0.sim.policy_eval import sim_tasks
+
+    bench, eight, skewed = (load_registry(p) for p in ("benchmark", "benchmark-8", "benchmark-skewed"))
+    assert [e.episodes for e in bench.clients] == [100] * 4 and bench.server_eval[0].target == "purple-place-center"
+    names = [e.name for e in eight.clients]
+    assert len(set(names)) == 8 and names[:2] == ["red-pick-50ep", "red-pick-50ep-shard1"]
+    assert sim_tasks(eight.clients) == sim_tasks(bench.clients) == [e.target for e in bench.clients]
+    assert [e.episodes for e in skewed.clients] == [200, 50, 50, 50]
+    roots = {embedded_root(e.target, e.episodes, e.shard) for e in eight.clients}
+    assert len(roots) == 8 and embedded_root("red-pick") != embedded_root("red-pick", 100)
+    # attempt k of a recording is seed + k, at most twice the episodes: no two shards or tasks share one
+    spans = sorted((embedded_seed(t, s), embedded_seed(t, s) + 2 * 2000) for t in TASKS for s in range(10))
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))

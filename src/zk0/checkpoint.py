@@ -29,7 +29,7 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from lerobot.processor import PolicyProcessorPipeline, TokenizerProcessorStep
 
 from zk0.config import RESUME_FREE_KEYS, RunConfig
-from zk0.registry import Registry
+from zk0.registry import DatasetEntry, Registry
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,11 @@ def versions() -> dict[str, str]:
 
 
 def _registry_doc(registry: Registry) -> dict:
-    return {"profile": registry.profile,
-            "clients": [{"uri": e.uri, "cameras": e.cameras} for e in registry.clients],
-            "server-eval": [{"uri": e.uri, "cameras": e.cameras} for e in registry.server_eval]}
+    def entry(e: DatasetEntry) -> dict:
+        return {"uri": e.uri, "cameras": e.cameras} | {k: v for k, v in (("episodes", e.episodes),
+                                                                          ("shard", e.shard)) if v}
+    return {"profile": registry.profile, "clients": [entry(e) for e in registry.clients],
+            "server-eval": [entry(e) for e in registry.server_eval]}
 
 
 def save_checkpoint(folder: Path, policy, stats: dict[str, dict[str, torch.Tensor]], card: str) -> Path:

@@ -9,6 +9,10 @@ Each entry is a dataset URI:
 * ``local:/abs/path`` (or an absolute path): a LeRobotDataset folder on disk;
 * ``embedded:<task>``: expert demonstrations zk0 records in its SO-101 simulator and caches.
 
+An embedded entry may say how many demonstrations to record (``episodes``, default 10) and
+which set (``shard``: shards of one task share no episode, so two clients can hold the same
+task without holding the same data).
+
 Real SO-100/SO-101 datasets name their cameras freely, so an entry maps dataset camera keys
 onto the policy's (``cameras = {"observation.images.top" = "observation.image"}``); every key
 it names must exist in the dataset. A profile may also carry ``cameras``: a convention for all
@@ -24,6 +28,7 @@ from pathlib import Path
 import zk0
 
 SCHEMES = ("hf", "local", "embedded")
+EMBEDDED_KEYS = {"episodes": (2, 2000), "shard": (0, 9)}  # an embedded entry's recording: bounds of each key
 
 
 class RegistryError(ValueError):
@@ -41,6 +46,8 @@ class DatasetEntry:
     uri: str
     cameras: dict[str, str] = field(default_factory=dict)
     camera_defaults: dict[str, str] = field(default_factory=dict)
+    episodes: int = 0  # embedded only: demonstrations to record (0: the demo's default)
+    shard: int = 0  # embedded only: which set of demonstrations (two shards of a task share no episode)
 
     @property
     def scheme(self) -> str:
@@ -57,7 +64,10 @@ class DatasetEntry:
     @property
     def name(self) -> str:
         """A short, filesystem-safe name for logs, metrics and charts (never a local path)."""
-        return Path(self.target).name if self.scheme == "local" else self.target.replace("/", "__")
+        if self.scheme == "local":
+            return Path(self.target).name
+        sizes = (f"-{self.episodes}ep" if self.episodes else "") + (f"-shard{self.shard}" if self.shard else "")
+        return self.target.replace("/", "__") + sizes
 
 
 @dataclass(frozen=True)
@@ -139,11 +149,26 @@ def _entry(raw: str | dict, profile: str, defaults: dict[str, str]) -> DatasetEn
         raw = {"uri": raw}
     if not isinstance(raw, dict) or not isinstance(raw.get("uri"), str) or not raw["uri"]:
         raise RegistryError(f"dataset profile {profile!r}: entry {raw!r} needs a string 'uri'")
-    entry = DatasetEntry(uri=raw["uri"], cameras=_cameras(raw.get("cameras", {}), f"dataset {raw['uri']!r}"),
-                         camera_defaults=defaults)
+    owner = f"dataset {raw['uri']!r}"
+    if unknown := sorted(set(raw) - {"uri", "cameras", *EMBEDDED_KEYS}):
+        raise RegistryError(f"{owner}: unknown key(s) {', '.join(unknown)}; expected uri, cameras, "
+                            f"{', '.join(EMBEDDED_KEYS)}")
+    sizes = {key: _embedded_int(raw, key, owner) for key in EMBEDDED_KEYS if key in raw}
+    entry = DatasetEntry(uri=raw["uri"], cameras=_cameras(raw.get("cameras", {}), owner), camera_defaults=defaults,
+                         **sizes)
     if entry.scheme not in SCHEMES:
         raise RegistryError(f"dataset URI {entry.uri!r}: scheme must be hf:, local: or embedded:")
+    if sizes and entry.scheme != "embedded":
+        raise RegistryError(f"{owner}: {', '.join(sizes)} apply to embedded: datasets only (they are recorded)")
     return entry
+
+
+def _embedded_int(raw: dict, key: str, owner: str) -> int:
+    low, high = EMBEDDED_KEYS[key]
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RegistryError(f"{owner}: {key} must be an integer in [{low}, {high}], got {value!r}")
+    return value
 
 
 def _cameras(raw: object, owner: str) -> dict[str, str]:

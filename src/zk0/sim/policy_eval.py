@@ -104,8 +104,9 @@ def evaluate_in_sim(policy: SmolVLAPolicy, preprocessor: PolicyProcessorPipeline
 
 
 def sim_tasks(entries: Iterable[DatasetEntry]) -> list[str]:
-    """The simulator tasks among registry entries (embedded datasets named after a zk0.sim task)."""
-    return [e.target for e in entries if e.scheme == "embedded" and e.target in TASKS]
+    """The simulator tasks among registry entries (embedded datasets named after a zk0.sim task), each once
+    (two shards of a task are one task to roll out)."""
+    return list(dict.fromkeys(e.target for e in entries if e.scheme == "embedded" and e.target in TASKS))
 
 
 def simulator_tasks(cfg: RunConfig, registry: Registry) -> list[str]:
