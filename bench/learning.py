@@ -1,0 +1,218 @@
+"""Federated against centralized and local-only training on the learning benchmark: closed-loop success and action error.
+
+Every method trains the same policy (``model-name``, default ``tiny``) from the same initial weights on
+the ``benchmark`` profile (100 expert demonstrations per client task, four non-IID client tasks, one
+unseen task) with equal optimizer steps and samples: ``rounds`` x ``local-steps`` x clients in all.
+
+* ``centralized``: one policy on the pooled demonstrations (``zk0 baseline --mode centralized``);
+* ``local``: each client alone on its own (``zk0 baseline --mode local``); it is compared on the
+  unseen task, where every local-only model is listed, not in the simulator;
+* each federated setting of :data:`FEDERATED`: the unchanged ServerApp and ClientApp in one process
+  (``tests/inprocess.py``), clients one after another.
+
+Each run ends with the simulator's closed-loop success on the four client tasks (``sim-eval-episodes``
+seeded episodes per task, the same seeds for every method), the held-out action MAE (the clients'
+held-out episodes) and the unseen-task action MAE. Every number is a median over ``--seeds`` run seeds
+with its spread (min-max). The recording of the benchmark's demonstrations (once, into the zk0 cache)
+is not counted in the CPU time.
+
+Run: ``HF_HUB_OFFLINE=1 python bench/learning.py [--seeds 42,43,44] [--methods centralized,fedprox,...]
+[--readme]``. It ends with one line per method (``method=<name> success=<median> heldout_mae=<median>
+unseen_mae=<median>``), then ``fed_vs_central_success=<ratio>`` and ``fed_vs_central_mae=<ratio>`` for the
+best federated setting (highest median success, then lowest held-out MAE). ``--readme`` writes the table
+into README.md between its ``learning-table`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDERATED = {  # name: run-config overrides of a federated setting
+    "fedavg": {"strategy": "fedavg"},
+    "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01},
+    "fedavgm": {"strategy": "fedavg", "server-optimizer": "fedavgm", "server-lr": 1.0, "server-momentum": 0.5},
+}
+BASELINES = ("centralized", "local")
+SHARED = {  # the benchmark's settings, shared by every method
+    "datasets": "benchmark", "model-name": "tiny", "batch-size": 16, "lr": 1e-3, "lr-schedule": "cosine",
+    "lr-min-factor": 0.05, "warmup-rounds": 1, "sim-eval-episodes": 10, "eval-batches": 8, "min-train-nodes": 4,
+    "min-evaluate-nodes": 4, "min-stats-clients": 3,
+}
+MARKERS = ("<!-- learning-table:start -->", "<!-- learning-table:end -->")
+
+
+def settings(args: argparse.Namespace, seed: int) -> dict:
+    """The run config of every method for ``seed``: evaluated (and rolled out) at round 0 and after the last."""
+    return {**SHARED, "seed": seed, "num-server-rounds": args.rounds, "local-steps": args.local_steps,
+            "eval-every": args.rounds, "sim-eval-every": args.rounds, "checkpoint-interval": args.rounds,
+            "model-name": args.model, **json.loads(args.set)}
+
+
+def run_method(method: str, config: dict, out: Path) -> Path:
+    """One run of ``method``; its run folder."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    from zk0.config import RunConfig
+
+    fused = get_fused_config_from_dir(ROOT, {**config, **FEDERATED.get(method, {}), "output-dir": str(out / method)})
+    if method in BASELINES:
+        from zk0.tools.baseline import run_baseline
+
+        cfg = RunConfig.from_run_config(fused)
+        if method == "local":
+            cfg = RunConfig.from_run_config({**fused, "sim-eval-every": 0})  # 4 models x 4 tasks: not rolled out
+        return run_baseline(cfg, method)
+    from federation import run_federation
+
+    run_dir, _ = run_federation(fused, num_nodes=4)
+    return run_dir
+
+
+def outcome(run_dir: Path) -> dict[str, float | list[float]]:
+    """Final round against round 0: client-task success, held-out and unseen MAE (local: every model's unseen MAE)."""
+    from zk0.tools.compare import load_run
+
+    run = load_run(run_dir)
+    series, last = run.series(), run.last_round
+    result = {"success": series.get("sim-clients", {}).get(last, float("nan")),
+              "heldout_mae": series["held-out-mae"][last], "unseen_mae": series["unseen-mae"][last],
+              "heldout_mae_round0": series["held-out-mae"][0], "unseen_mae_round0": series["unseen-mae"][0]}
+    by_partition = [r for r in run.records if r["round"] == last and r.get("source") == "server"
+                    and "by-partition" in r and "eval-action-mae" in r]
+    if by_partition:
+        result["unseen_mae_each"] = [p["eval-action-mae"] for p in by_partition[0]["by-partition"]]
+    return result
+
+
+def median_spread(values: list[float]) -> tuple[float, float, float]:
+    """Median, min and max."""
+    return statistics.median(values), min(values), max(values)
+
+
+def cell(values: list[float], digits: int) -> str:
+    """``median (min-max)`` of the seeds' values; just the value for one seed."""
+    if any(v != v for v in values):
+        return "—"
+    mid, low, high = median_spread(values)
+    return f"{mid:.{digits}f}" if len(values) == 1 else f"{mid:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+
+
+def table(results: dict[str, list[dict]], args: argparse.Namespace, cpu_minutes: float) -> list[str]:
+    """The README's markdown table and the settings it was measured with."""
+    steps = args.rounds * args.local_steps * 4
+    used = settings(args, 0)
+    lines = [f"Dataset profile `{used['datasets']}` (4 clients), model `{args.model}`, "
+             f"{steps} optimizer steps of batch {used['batch-size']} per method "
+             f"({args.rounds} rounds × {args.local_steps} local steps × 4 clients), seeds {args.seeds}, "
+             f"{used['sim-eval-episodes']} simulator episodes per task; medians (min–max); "
+             f"{cpu_minutes:.0f} CPU-minutes in all (`python bench/learning.py"
+             f"{' ' + ' '.join(args.argv) if args.argv else ''}`).", "",
+             "| method | sim success (client tasks) | held-out MAE (°) | unseen MAE (°) |", "|---|---|---|---|"]
+    for method, runs in results.items():
+        lines.append(f"| {method} | {cell([r['success'] for r in runs], 2)} | "
+                     f"{cell([r['heldout_mae'] for r in runs], 2)} | {cell([r['unseen_mae'] for r in runs], 2)} |")
+    return lines
+
+
+def write_readme(lines: list[str]) -> None:
+    """Replace the README's table between the markers."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
+    readme.write_text(text[:start] + "\n" + "\n".join(lines) + "\n" + text[end:])
+
+
+def summary(results: dict[str, list[dict]]) -> list[str]:
+    """One line per method, then the best federated setting against centralized."""
+    out = []
+    for method, runs in results.items():
+        out.append(f"method={method} success={statistics.median(r['success'] for r in runs):.3f} "
+                   f"heldout_mae={statistics.median(r['heldout_mae'] for r in runs):.3f} "
+                   f"unseen_mae={statistics.median(r['unseen_mae'] for r in runs):.3f}")
+    federated = {m: runs for m, runs in results.items() if m in FEDERATED}
+    if "centralized" in results and federated:
+        def key(method: str) -> tuple[float, float]:
+            runs = federated[method]
+            return (-statistics.median(r["success"] for r in runs), statistics.median(r["heldout_mae"] for r in runs))
+        best = min(federated, key=key)
+        central = results["centralized"]
+        success = statistics.median(r["success"] for r in central)
+        ratio = statistics.median(r["success"] for r in federated[best]) / success if success else float("nan")
+        mae = (statistics.median(r["heldout_mae"] for r in federated[best])
+               / statistics.median(r["heldout_mae"] for r in central))
+        out.append(f"best_federated={best}")
+        out.append(f"fed_never_worse_than_round0={all(never_worse(r) for r in federated[best])}")
+        if "local" in results:
+            out.append(f"fed_beats_every_local_on_unseen={beats_local(federated[best], results['local'])}")
+        out.append(f"fed_vs_central_success={ratio:.3f}")
+        out.append(f"fed_vs_central_mae={mae:.3f}")
+    return out
+
+
+def never_worse(run: dict) -> bool:
+    """Whether a run ends at or below its round-0 action error, held-out and unseen."""
+    return run["heldout_mae"] <= run["heldout_mae_round0"] and run["unseen_mae"] <= run["unseen_mae_round0"]
+
+
+def beats_local(federated: list[dict], local: list[dict]) -> bool:
+    """Whether, seed by seed, the federated model's unseen MAE is below every local-only model's."""
+    return all(f["unseen_mae"] < min(loc["unseen_mae_each"]) for f, loc in zip(federated, local))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="42,43,44", help="run seeds, comma-separated")
+    parser.add_argument("--methods", default=",".join([*BASELINES, *FEDERATED]))
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--local-steps", type=int, default=200)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--set", default="{}", help='more run-config overrides for every method, as JSON')
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--out", type=Path, default=None, help="keep the run folders here (default: a temp folder)")
+    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    args = parser.parse_args()
+    args.argv = sys.argv[1:]
+    methods = args.methods.split(",")
+    if unknown := [m for m in methods if m not in (*BASELINES, *FEDERATED)]:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join([*BASELINES, *FEDERATED])}")
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+    import torch
+    from flwr.common.logger import console_handler
+
+    torch.set_num_threads(args.threads)
+    console_handler.setLevel(logging.WARNING)  # each run's rounds go to its zk0.log; the console gets one line a run
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    cpu_start = _cpu_seconds()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for method in methods:
+                start = time.monotonic()
+                result = outcome(run_method(method, settings(args, seed), out / f"seed{seed}"))
+                results[method].append(result)
+                print(f"seed {seed} {method}: {json.dumps({k: v for k, v in result.items()})} "
+                      f"({time.monotonic() - start:.0f}s)", flush=True)
+    lines = table(results, args, (_cpu_seconds() - cpu_start) / 60)
+    print("\n" + "\n".join(lines) + "\n")
+    if args.readme:
+        write_readme(lines)
+    print("\n".join(summary(results)))
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its children so far."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+if __name__ == "__main__":
+    main()
