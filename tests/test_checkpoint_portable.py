@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from lerobot.policies.factory import make_pre_post_processors
+from waits import deadline
 
 from zk0.checkpoint import VLM_FOLDER, load_checkpoint, load_config, save_checkpoint
 from zk0.config import RunConfig
@@ -105,7 +106,7 @@ def test_model_card_snippet_loads_the_moved_checkpoint_with_lerobot_alone(moved,
     env = {**os.environ, "ZK0_CACHE": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1"}
     (tmp_path / "elsewhere").mkdir()
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "action.pt")], cwd=tmp_path / "elsewhere",
-                   env=env, check=True, timeout=600)
+                   env=env, check=True, timeout=deadline())
     assert not (tmp_path / "empty-cache").exists()
     assert torch.equal(torch.load(tmp_path / "action.pt"), expected)
 

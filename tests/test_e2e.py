@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT
-from waits import wait_for
+from waits import deadline, wait_for
 
 from zk0.deploy.processes import free_port
 from zk0.tracking import read_metrics
@@ -61,11 +61,11 @@ def test_flwr_run_simulation(superlink, tmp_path):
     out = tmp_path / "outputs"
     run_config = f"num-server-rounds=2 local-steps=2 batch-size=4 eval-batches=1 min-stats-clients=2 output-dir='{out}'"
     subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "e2e", "--stream", "--federation-config", "num-supernodes=2",
-                    "--run-config", run_config], env=superlink, check=True, timeout=600,
+                    "--run-config", run_config], env=superlink, check=True, timeout=deadline(),
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink for the run's status.
     listing = subprocess.run([str(BIN / "flwr"), "ls", "e2e", "--format", "json"], env=superlink, check=True,
-                             timeout=600, capture_output=True, text=True)
+                             timeout=deadline(), capture_output=True, text=True)
     runs = json.loads(listing.stdout)["runs"]
     assert [r["status"] for r in runs] == ["finished:completed"]
     (run_dir,) = out.iterdir()
@@ -76,7 +76,7 @@ def test_flwr_run_simulation(superlink, tmp_path):
 
 def test_zk0_simulate_rejects_bad_config_in_one_line(tmp_path):
     proc = subprocess.run([str(BIN / "zk0"), "simulate", "--output", str(tmp_path), "--run-config", "strategy=fedsgd"],
-                          env=env_for(tmp_path), timeout=600, capture_output=True, text=True)
+                          env=env_for(tmp_path), timeout=deadline(), capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "error: run-config 'strategy' must be one of fedprox|fedavg, got 'fedsgd'"]
@@ -84,7 +84,7 @@ def test_zk0_simulate_rejects_bad_config_in_one_line(tmp_path):
 
 def test_zk0_simulate_fails_fast_on_an_unreachable_hub_model(tmp_path):
     proc = subprocess.run([str(BIN / "zk0"), "simulate", "--output", str(tmp_path), "--run-config",
-                           "model-name=lerobot/smolvla_base"], env=env_for(tmp_path), timeout=600,
+                           "model-name=lerobot/smolvla_base"], env=env_for(tmp_path), timeout=deadline(),
                           capture_output=True, text=True)
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
@@ -93,7 +93,7 @@ def test_zk0_simulate_fails_fast_on_an_unreachable_hub_model(tmp_path):
 
 def test_zk0_simulate_refuses_fewer_clients_than_the_minimum(tmp_path):
     proc = subprocess.run([str(BIN / "zk0"), "simulate", "--num-clients", "1", "--output", str(tmp_path)],
-                          env=env_for(tmp_path), timeout=600, capture_output=True, text=True)
+                          env=env_for(tmp_path), timeout=deadline(), capture_output=True, text=True)
     assert proc.returncode == 1 and "min-train-nodes=2" in proc.stderr
 
 
@@ -116,16 +116,16 @@ def test_zk0_simulate_on_owners_data_killed_and_resumed(tmp_path, lab_registry, 
         wait_for(round_1_done, "the simulation to finish round 1")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # Ray's workers die with the session
-        proc.wait(timeout=600)
+        proc.wait(timeout=deadline())
     (run_dir,) = out.iterdir()
     assert "fedavg" in run_dir.name
     assert json.loads((run_dir / "config.json").read_text())["run-config"]["strategy"] == "fedavg"
     assert torch.load(run_dir / "server_state.pt", weights_only=True)["server_round"] < 3
     bad = subprocess.run([str(BIN / "zk0"), "simulate", "--resume", str(run_dir), "-c", "lr=0.5"],
-                         env=env_for(tmp_path), timeout=600, capture_output=True, text=True)
+                         env=env_for(tmp_path), timeout=deadline(), capture_output=True, text=True)
     assert bad.returncode == 1 and "lr cannot change" in bad.stderr
     done = subprocess.run([str(BIN / "zk0"), "simulate", "--client-cpus", "1", "--resume", str(run_dir)],
-                          env=env_for(tmp_path), timeout=600, capture_output=True, text=True)
+                          env=env_for(tmp_path), timeout=deadline(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"run folder: {run_dir}" in done.stdout and "zk0 run summary" in done.stderr + done.stdout
     records = read_metrics(run_dir / "metrics.jsonl")

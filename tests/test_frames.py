@@ -13,6 +13,7 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.datasets.video_utils import FrameTimestampError, decode_video_frames
 
 import synthetic
+from waits import deadline
 
 from zk0 import data, frames, tiny
 from zk0.frames import Clip, FrameStore, VideoError
@@ -239,7 +240,7 @@ def test_a_worker_forked_after_the_parent_dropped_open_videos_does_not_hang(root
         monkeypatch.setattr(frames, "_store", FrameStore())  # (monkeypatch restores this process's own at the end)
         ours[0]
         frames._store = FrameStore()  # drops the store that opened the videos, unclosed
-        loader = torch.utils.data.DataLoader(Collecting(ours), batch_size=1, num_workers=1, timeout=600)
+        loader = torch.utils.data.DataLoader(Collecting(ours), batch_size=1, num_workers=1, timeout=deadline())
         image = next(iter(loader))  # a hung worker: RuntimeError after 600 s (generous: a loaded machine is slow, a hang is forever)
     finally:
         gc.enable()
@@ -263,3 +264,12 @@ def test_batches_do_not_depend_on_workers_or_resuming(roots, workers, store):
                 assert got.keys() == reference.keys()
                 for key, value in reference.items():
                     assert torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value
+
+
+def test_a_collected_dataset_gives_its_share_back(roots, store):
+    first = frames.serve_frames(lerobot(roots["h264-2cams"]))
+    store.budget = store.reserved = frames.decoded_bytes(first)  # full: the next dataset would have to seek
+    assert not frames.serve_frames(lerobot(roots["h264-2cams"])).reader.keep_episodes
+    del first
+    gc.collect()
+    assert store.reserved == 0 and frames.serve_frames(lerobot(roots["h264-2cams"])).reader.keep_episodes

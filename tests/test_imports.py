@@ -13,6 +13,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from waits import deadline
+
 import zk0
 
 PACKAGE = Path(zk0.__file__).resolve().parent
@@ -27,7 +29,7 @@ def test_core_modules_do_not_load_the_simulator():
             f"for module in {CORE!r}:\n"
             "    importlib.import_module(module)\n"
             f"    print('LOADED', json.dumps([module, [m for m in {SIMULATOR!r} if m in sys.modules]]))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=deadline())
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = dict(json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("LOADED "))
     assert loaded == {module: [] for module in CORE}

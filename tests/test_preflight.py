@@ -17,6 +17,7 @@ import pytest
 import synthetic
 import torch
 from typer.testing import CliRunner
+from waits import deadline
 
 from zk0 import data
 from zk0.cli.app import app
@@ -106,7 +107,7 @@ def test_a_misspelt_key_or_bad_value_is_one_line_before_heavy_imports(tmp_path, 
             "except SystemExit as e:\n    heavy = [m for m in ('torch', 'lerobot', 'ray') if m in sys.modules]\n"
             "    print('heavy:', heavy, 'exit:', e.code)")
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code, override], capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, "-c", code, override], capture_output=True, text=True, timeout=deadline(),
                           cwd=tmp_path)
     elapsed = time.monotonic() - start
     assert proc.stderr.strip().splitlines() == [message]
@@ -119,7 +120,7 @@ def test_broken_video_refused_by_the_real_command_within_seconds(datasets, tmp_p
     overrides = f"registry='{datasets['registry']}' datasets='broken-video' {TWO_CLIENTS}"
     proc = subprocess.run([shutil.which("zk0", path=str(Path(sys.executable).parent)), "simulate", "--output",
                            str(tmp_path), "-c", overrides],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=deadline())
     elapsed = time.monotonic() - start
     (line,) = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and BAD["broken-video"][1] in line

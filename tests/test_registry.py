@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
-from zk0.sim.scene import TASKS
+from waits import deadline
 
 from zk0.registry import (DatasetEntry, Registry, RegistryError, default_pyproject, format_camera_map, load_registry,
                           parse_camera_map)
+from zk0.sim.scene import TASKS
 
 
 def write_pyproject(tmp_path, body: str):
@@ -201,12 +201,12 @@ def test_installed_wheel_carries_the_registry(tmp_path):
     from conftest import ROOT
 
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(ROOT)], check=True, timeout=600)
+                    str(tmp_path / "dist"), str(ROOT)], check=True, timeout=deadline())
     (wheel,) = (tmp_path / "dist").glob("zk0-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
-                    str(wheel)], check=True, timeout=600)
+                    str(wheel)], check=True, timeout=deadline())
     code = ("import zk0.registry as r; print(r.default_pyproject()); print(len(r.load_registry('embedded').clients))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=deadline(), check=True,
                          cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}).stdout
     assert out.split() == [str(tmp_path / "site" / "zk0" / "pyproject.toml"), "4"]
 

@@ -24,6 +24,7 @@ import gc
 import math
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -130,12 +131,18 @@ class FrameStore:
         self.lock = threading.Lock()
 
     def reserve(self, nbytes: int) -> bool:
-        """Whether a dataset of ``nbytes`` decoded frames may keep its episodes (then they are promised to it)."""
+        """Whether a dataset of ``nbytes`` decoded frames may keep its episodes (then they are promised to it
+        until :meth:`release`)."""
         with self.lock:
             if self.reserved + nbytes > self.budget:
                 return False
             self.reserved += nbytes
             return True
+
+    def release(self, nbytes: int) -> None:
+        """A dataset that kept its episodes is gone: its share goes back (its episodes leave as others come)."""
+        with self.lock:
+            self.reserved = max(0, self.reserved - nbytes)
 
     def frames(self, clip: Clip, timestamps: list[float], tolerance_s: float, keep: bool) -> torch.Tensor:
         """uint8 frames (N, C, H, W) of ``clip``'s video nearest ``timestamps``; ``keep`` the decoded episode."""
@@ -214,6 +221,11 @@ def store() -> FrameStore:
     return _store
 
 
+def _release(nbytes: int) -> None:
+    """Give a collected dataset's share back to the store of the process it is collected in."""
+    store().release(nbytes)
+
+
 class FrameReader(DatasetReader):
     """LeRobot's dataset reader with its video frames from this process's :class:`FrameStore`.
 
@@ -257,6 +269,9 @@ def serve_frames(dataset: LeRobotDataset) -> LeRobotDataset:
     """
     if dataset.meta.video_keys and not dataset.meta.depth_keys:
         dataset.reader.__class__ = FrameReader
-        dataset.reader.keep_episodes = store().reserve(decoded_bytes(dataset))
+        nbytes = decoded_bytes(dataset)
+        dataset.reader.keep_episodes = store().reserve(nbytes)
+        if dataset.reader.keep_episodes:  # a long-lived process (a resident node, a test worker) opens many in turn
+            weakref.finalize(dataset, _release, nbytes)
         dataset.reader.clips = {}
     return dataset

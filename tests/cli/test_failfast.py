@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from waits import deadline
 
 HEAVY = ("torch", "lerobot", "mujoco", "flwr.server", "flwr.simulation", "ray", "datasets", "transformers")
 SIMULATOR = ("mujoco",)  # naming a simulator task needs the task table, which lives beside the MuJoCo scenes
@@ -28,7 +29,7 @@ app(args=sys.argv[1:], prog_name="zk0")
 def zk0(*args: str) -> tuple[int, list[str], list[str]]:
     """Exit code, stderr lines a user sees, and the heavy modules the command imported."""
     proc = subprocess.run([sys.executable, "-c", RUNNER.format(heavy=HEAVY), *args], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=deadline())
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     loaded = [line for line in lines if line.startswith("LOADED ")]
     assert loaded, proc.stderr[-2000:]

@@ -16,7 +16,7 @@ import pytest
 import synthetic
 from flwr.common.config import parse_config_args
 from typer.testing import CliRunner
-from waits import wait_for
+from waits import deadline, wait_for
 
 from zk0.deploy import commands, node_folder, processes, server_folder
 from zk0.cli.app import app
@@ -50,7 +50,7 @@ def test_client_start_refuses_bad_options_in_one_line_before_heavy_imports(tmp_p
     options = [o.format(ca=tmp_path / "ca.crt") for o in options]
     args = ["client", "start", "-d", str(folder), "--server", "127.0.0.1:1", "--dataset", "embedded:red-pick", *options]
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "zk0", *args], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=deadline())
     lines = error_lines(proc.stderr)
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith(expected.format(dir=folder)), lines
@@ -108,7 +108,7 @@ def test_commands_name_a_stopped_superlink_at_once(stopped_server, command):
     """`flwr run` would retry for 4 minutes and end in a traceback: zk0's own line says no `flwr` call was made."""
     args = [a.format(key=stopped_server.parent / "node" / "node_key.pub") for a in command]
     proc = subprocess.run([str(Path(sys.executable).parent / "zk0"), *args, "-d", str(stopped_server)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=deadline())
     port = server_folder.server_settings(stopped_server).control_port
     assert proc.returncode == 1 and proc.stderr.strip() == (
         f"error: no SuperLink is running from {stopped_server} (nothing listens on 127.0.0.1:{port}): "
@@ -216,7 +216,7 @@ def test_a_dead_leaders_orphans_are_refused_then_stopped(tmp_path):
     assert processes.running_pid(folder, "superlink") is None and processes.orphaned_group(folder, "superlink") == leader
     refused = CliRunner().invoke(app, ["server", "start", "-d", str(folder)])
     assert refused.exit_code == 1 and f"process group {leader}" in refused.stderr
-    assert processes.stop(folder, "superlink", timeout=600)
+    assert processes.stop(folder, "superlink", timeout=deadline())
     assert not processes._group_alive(leader) and processes.orphaned_group(folder, "superlink") is None
 
 
@@ -232,7 +232,7 @@ def test_serverapps_of_this_superlink_are_found_by_their_control_port_and_stoppe
     try:
         wait_for(lambda: server_folder.serverapp_processes(settings) == [ours.pid], "our fake ServerApp to be found")
         assert server_folder.stop_serverapps(settings) == [ours.pid]
-        assert ours.wait(timeout=600) == -signal.SIGTERM and other.poll() is None
+        assert ours.wait(timeout=deadline()) == -signal.SIGTERM and other.poll() is None
     finally:
         ours.kill()
         other.kill()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import synthetic
 import torch
-from waits import wait_for
+from waits import deadline, wait_for
 
 from zk0.deploy import commands, processes, server_folder
 from zk0.audit import read_audit
@@ -110,7 +110,7 @@ def outsider_flwr(federation, home: Path, *args: str) -> str:
     home.mkdir(exist_ok=True)
     server_folder.write_connection(home, f"127.0.0.1:{federation.port}", federation.server / "ca.crt")
     proc = subprocess.run([str(commands.BIN / "flwr"), *args, "--format", "json"], env=commands.flower_env(home),
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=deadline())
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 or '"success": false' in out, f"flwr {' '.join(args)} was not refused:\n{out}"
     return out
@@ -259,7 +259,7 @@ def test_a_node_dies_mid_round_then_the_server_dies_and_the_run_resumes(federati
     (worker,) = [pid for pid in child_pids(supervisor)]
     os.kill(worker, signal.SIGKILL)  # node 0's worker dies; its supervisor starts another
     wait_for(lambda: [pid for pid in child_pids(supervisor) if pid != worker], "a restarted worker")
-    proc = zk0("run", "-d", str(federation.server), "--resume", str(run_dir), timeout=600)
+    proc = zk0("run", "-d", str(federation.server), "--resume", str(run_dir), timeout=deadline())
     assert "finished:completed" in proc.stdout
     records = read_metrics(run_dir / "metrics.jsonl")
     assert sorted(r["round"] for r in records if r.get("event") == "round") == [0, 1, 2, 3]

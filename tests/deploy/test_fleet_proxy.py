@@ -10,6 +10,7 @@ import ssl
 import httpx
 import pytest
 from proxyserve import proxy_pair
+from waits import deadline
 
 from zk0.deploy import node_folder, processes, server_folder
 from zk0.deploy.fleet_proxy import FLEET_PATHS, fleet_path
@@ -61,7 +62,7 @@ def test_a_fleet_call_reaches_the_superlink_byte_for_byte_with_its_signed_header
     body = os.urandom(8 << 20)
     signed = {"flwr-public-key": "cHVi", "flwr-signature": "c2ln", "flwr-timestamp": "2026-11-29T00:00:00",
               "content-type": "application/protobuf", "x-stream": str(5 << 20)}
-    with httpx.Client(verify=ssl.create_default_context(cafile=folder / "ca.crt"), timeout=600) as client:
+    with httpx.Client(verify=ssl.create_default_context(cafile=folder / "ca.crt"), timeout=deadline()) as client:
         reply = client.post(f"https://127.0.0.1:{port}/v1/fleet/push-object", content=body, headers=signed)
     assert reply.status_code == 200
     assert reply.headers["x-sha256"] == hashlib.sha256(body).hexdigest() and reply.headers["x-size"] == str(len(body))
@@ -75,7 +76,7 @@ def test_a_fleet_call_reaches_the_superlink_byte_for_byte_with_its_signed_header
 def test_control_calls_never_reach_the_superlink(tls_pair):
     folder, upstream, _, port = tls_pair
     before = len(upstream.seen)
-    with httpx.Client(verify=ssl.create_default_context(cafile=folder / "ca.crt"), timeout=600) as client:
+    with httpx.Client(verify=ssl.create_default_context(cafile=folder / "ca.crt"), timeout=deadline()) as client:
         for path in ("/v1/control/list-runs", "/v1/control/stop-run", "/v1/control/register-node",
                      "/v1/control/unregister-node", "/v1/control/start-run", "/docs"):
             reply = client.post(f"https://127.0.0.1:{port}{path}", content=b"x")
@@ -91,7 +92,7 @@ def test_a_silent_superlink_gives_a_502_not_a_hang(tmp_path):
     port = processes.free_port()
     server = serve(FleetProxy(f"http://127.0.0.1:{processes.free_port()}", False), port, None)
     try:
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/fleet/get-run", content=b"", timeout=600)
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/fleet/get-run", content=b"", timeout=deadline())
         assert reply.status_code == 502 and "not answering" in reply.text
     finally:
         server.should_exit = True
