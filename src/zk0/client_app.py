@@ -35,8 +35,8 @@ from zk0.logs import quiet_libraries
 from zk0.policy import base_fingerprint, build_policy, load_trainable, trainable_shapes, trainable_state
 from zk0.privacy import client_stats, privatize_update
 from zk0.reasons import CLIENT_ERROR, error_reason
-from zk0.stopwatch import Stopwatch
 from zk0.registry import DatasetEntry, load_registry, parse_camera_map
+from zk0.stopwatch import Stopwatch
 from zk0.train import train_steps
 
 app = ClientApp()

@@ -188,12 +188,10 @@ def evaluate_round(grid: Grid, strategy: SmolVLAStrategy, state: RoundState) -> 
 def exchange(grid: Grid, state: RoundState, messages: list[Message]) -> list[Message]:
     """Send the messages, wait up to ``round-timeout``, report who never answered (by round and phase)."""
     state.sent(messages)
-    replies = send(grid, state.cfg, messages, state.audit)
-    answered = {r.metadata.src_node_id for r in replies}
-    for message in sorted(messages, key=lambda m: m.metadata.dst_node_id):
-        if message.metadata.dst_node_id not in answered:
-            state.on_event({"round": message_round(message), "source": "server", "event": "missing-reply",
-                            "phase": message.metadata.message_type, "node": message.metadata.dst_node_id})
+    replies, unanswered = send(grid, state.cfg, messages, state.audit)
+    for message in sorted(unanswered, key=lambda m: m.metadata.dst_node_id):
+        state.on_event({"round": message_round(message), "source": "server", "event": "missing-reply",
+                        "phase": message.metadata.message_type, "node": message.metadata.dst_node_id})
     return replies
 
 
@@ -220,10 +218,10 @@ def carried_evaluation(reply: Message, request: Message) -> Message:
     as one; a failed reply, or one whose evaluation failed (``eval-error``), is a failed evaluation."""
     if reply.has_error():
         return Message(reply.error, reply_to=request)
-    if reason := reply.content.config_records["payload"].get("eval-error") if "payload" in reply.content else None:
+    payload = reply.content.config_records.get("payload")
+    if payload is not None and (reason := payload.get("eval-error")):
         return Message(Error(code=CLIENT_ERROR, reason=one_line(str(reason))), reply_to=request)
-    records = {"metrics": reply.content.metric_records.get("eval-metrics"),
-               "payload": reply.content.config_records.get("payload")}
+    records = {"metrics": reply.content.metric_records.get("eval-metrics"), "payload": payload}
     return Message(RecordDict({name: record for name, record in records.items() if record is not None}),
                    reply_to=request)
 
@@ -253,21 +251,23 @@ def end_previous_round(strategy: SmolVLAStrategy, state: RoundState, round_end: 
     round_end(previous, state.measured(previous))
 
 
-def send(grid: Grid, cfg: RunConfig, messages: list[Message], audit: AuditLog) -> list[Message]:
-    """Send and wait up to ``round-timeout``; replies carry the node they answer for; silent nodes are logged."""
+def send(grid: Grid, cfg: RunConfig, messages: list[Message],
+         audit: AuditLog) -> tuple[list[Message], list[Message]]:
+    """Send and wait up to ``round-timeout``; the replies (each carrying the node it answers for) and the messages
+    no reply came for (their silent nodes logged and audited)."""
     replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)) if messages else []
     requests = {m.metadata.message_id: m for m in messages}
     for reply in replies:  # the SuperLink itself answers for a node it lost ("Node Unavailable"): name that node
         request = requests.get(reply.metadata.reply_to_message_id)
         set_reply_sender(reply, request.metadata.dst_node_id if request else reply.metadata.src_node_id)
     answered = {r.metadata.src_node_id for r in replies}
-    for message in messages:
-        if message.metadata.dst_node_id not in answered:
-            node, phase = message.metadata.dst_node_id, message.metadata.message_type
-            log(WARNING, "round %d: node %s sent no %s reply within round-timeout=%.0fs", message_round(message),
-                node, phase, cfg.federation.round_timeout)
-            audit.missing(message_round(message), phase, node, cfg.federation.round_timeout)
-    return replies
+    unanswered = [message for message in messages if message.metadata.dst_node_id not in answered]
+    for message in unanswered:
+        node, phase = message.metadata.dst_node_id, message.metadata.message_type
+        log(WARNING, "round %d: node %s sent no %s reply within round-timeout=%.0fs", message_round(message),
+            node, phase, cfg.federation.round_timeout)
+        audit.missing(message_round(message), phase, node, cfg.federation.round_timeout)
+    return replies, unanswered
 
 
 def message_round(message: Message) -> int:
@@ -299,7 +299,7 @@ def gather_norm_stats(grid: Grid, cfg: RunConfig, audit: AuditLog, sizes: dict[s
                 for n in nodes]
     for message in messages:
         audit.sent(0, "query", message)
-    replies = send(grid, cfg, messages, audit)
+    replies, _ = send(grid, cfg, messages, audit)
     verdicts = [judge(reply, lambda reply: checked_query(reply, sizes)) for reply in replies]
     report(0, "query", verdicts, audit, on_event)
     reported = passed(verdicts)
