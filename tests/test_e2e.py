@@ -50,10 +50,10 @@ def superlink(tmp_path):
     yield env
     os.killpg(proc.pid, signal.SIGTERM)  # its SuperExec watches this PID and exits with it
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=deadline(30))  # a graceful stop, longer on a loaded machine
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        proc.wait(timeout=deadline(10))
     log.close()
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from conftest import ROOT
+from waits import deadline
 
 SRC = ROOT / "src" / "zk0"
 SEAM = SRC / "flower_seams.py"
@@ -75,7 +76,7 @@ def test_the_scan_sees_what_it_must(tmp_path):
 def test_another_flower_version_is_refused_in_one_line():
     code = ("import importlib.metadata as m\nreal = m.version\n"
             "m.version = lambda name: '1.99.0' if name == 'flwr' else real(name)\nimport zk0.flower_seams\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=deadline(300))
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: zk0 needs flwr==1.42.0")

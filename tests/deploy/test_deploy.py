@@ -148,7 +148,7 @@ def test_two_nodes_run_two_rounds_while_an_outsider_with_ca_crt_is_refused_every
                 outsider_flwr(federation, home, "supernode", "unregister", node_id, server_folder.CONNECTION),
                 outsider_flwr(federation, home, "run", app, server_folder.CONNECTION)]
     assert all("not exposed" in out for out in refusals), refusals
-    operator.wait(timeout=900)
+    operator.wait(timeout=deadline(900))
     stdout = (tmp_path / "operator.log").read_text()
     assert operator.returncode == 0 and "finished:completed" in stdout, stdout[-3000:]
     refused = [line for line in (federation.server / "logs" / "fleet-proxy.log").read_text().splitlines()
