@@ -63,14 +63,13 @@ def run_method(method: str, config: dict, out: Path) -> Path:
 
     from zk0.config import RunConfig
 
-    fused = get_fused_config_from_dir(ROOT, {**config, **FEDERATED.get(method, {}), "output-dir": str(out / method)})
+    local = {"sim-eval-every": 0} if method == "local" else {}  # 4 models x 4 tasks: not rolled out
+    fused = get_fused_config_from_dir(ROOT, {**config, **FEDERATED.get(method, {}), **local,
+                                             "output-dir": str(out / method)})
     if method in BASELINES:
         from zk0.tools.baseline import run_baseline
 
-        cfg = RunConfig.from_run_config(fused)
-        if method == "local":
-            cfg = RunConfig.from_run_config({**fused, "sim-eval-every": 0})  # 4 models x 4 tasks: not rolled out
-        return run_baseline(cfg, method)
+        return run_baseline(RunConfig.from_run_config(fused), method)
     from federation import run_federation
 
     run_dir, _ = run_federation(fused, num_nodes=4)
@@ -93,16 +92,11 @@ def outcome(run_dir: Path) -> dict[str, float | list[float]]:
     return result
 
 
-def median_spread(values: list[float]) -> tuple[float, float, float]:
-    """Median, min and max."""
-    return statistics.median(values), min(values), max(values)
-
-
 def cell(values: list[float], digits: int) -> str:
     """``median (min-max)`` of the seeds' values; just the value for one seed."""
     if any(v != v for v in values):
         return "—"
-    mid, low, high = median_spread(values)
+    mid, low, high = statistics.median(values), min(values), max(values)
     return f"{mid:.{digits}f}" if len(values) == 1 else f"{mid:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
 
 
@@ -199,7 +193,7 @@ def main() -> None:
                 start = time.monotonic()
                 result = outcome(run_method(method, settings(args, seed), out / f"seed{seed}"))
                 results[method].append(result)
-                print(f"seed {seed} {method}: {json.dumps({k: v for k, v in result.items()})} "
+                print(f"seed {seed} {method}: {json.dumps(result)} "
                       f"({time.monotonic() - start:.0f}s)", flush=True)
     lines = table(results, args, (_cpu_seconds() - cpu_start) / 60)
     print("\n" + "\n".join(lines) + "\n")
