@@ -119,3 +119,23 @@ def test_write_mp4_is_readable(tmp_path):
         assert stream.codec_context.name == "h264"
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
     assert len(decoded) == 12 and decoded[0].shape == (34, 48, 3)
+
+
+def test_an_embedded_entry_records_its_episodes_and_shard(tmp_path, monkeypatch):
+    """``episodes`` and ``shard`` of a registry entry decide what the embedded source records: that many
+    demonstrations, and a shard whose episodes (cube poses) are none of shard 0's."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+
+    from zk0.data import locate
+    from zk0.registry import DatasetEntry
+
+    monkeypatch.setenv("ZK0_CACHE", str(tmp_path))
+    starts = {}
+    for shard in (0, 1):
+        _, root = locate(DatasetEntry("embedded:red-pick", episodes=3, shard=shard))
+        meta = LeRobotDatasetMetadata("zk0/red-pick", root=root)
+        assert meta.total_episodes == 3 and root.parent == tmp_path / "datasets"
+        table = LeRobotDataset("zk0/red-pick", root=root, video_backend="pyav").hf_dataset.with_format("numpy")
+        starts[shard] = {tuple(np.round(table[i]["action"], 3)) for i in range(len(table))
+                         if table[i]["frame_index"] == 0}
+    assert len(starts[0]) == len(starts[1]) == 3 and not starts[0] & starts[1]
