@@ -19,7 +19,7 @@ from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
-from waits import wait_for
+from waits import deadline, wait_for
 
 from zk0.deploy import resident
 
@@ -101,12 +101,14 @@ def test_app_exception_is_an_error_reply_and_the_worker_keeps_serving(monkeypatc
 
 def test_a_task_whose_message_never_arrives_does_not_block_the_next(monkeypatch):
     """The SuperLink died mid-transfer: that task's pull hangs; the next task must still run."""
-    stuck, served = threading.Event(), []
+    stuck, served, release, hung = threading.Event(), [], threading.Event(), []
 
     def pull(client):
         if not served and not stuck.is_set():
             stuck.set()
-            threading.Event().wait(60)  # as Flower's pull of a lost message (for 2 h; bounded here)
+            hung.append(threading.current_thread())
+            release.wait(deadline())  # as Flower's pull of a lost message (for 2 h), until this test ends
+            raise ConnectionError("the SuperLink is gone")  # the stale task ends here, never reaching the app
         message = Message(RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
         message.metadata.__dict__["_message_id"] = message.object_id
         return message, Context(run_id=7, node_id=3, node_config={}, state=RecordDict(), run_config={}), run(), fab(), 2
@@ -129,3 +131,6 @@ def test_a_task_whose_message_never_arrives_does_not_block_the_next(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         worker.serve()
     assert stuck.is_set() and len(served) == 1
+    release.set()  # the stuck thread must end while this test's fakes are in place: left running, it set the
+    hung[0].join(deadline())  # process's task identity (run 7) under a later test's in-process federation
+    assert not hung[0].is_alive()
