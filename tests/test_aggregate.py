@@ -10,7 +10,7 @@ from conftest import RUN_ID
 from federation import train_reply
 
 from zk0 import transport
-from zk0.audit import AuditLog
+from zk0.audit import AuditLog, read_audit
 from zk0.config import RunConfig
 from zk0.rounds import RoundState
 from zk0.server_app import receive_train
@@ -57,3 +57,16 @@ def test_each_reply_is_hashed_once_and_the_audit_records_that_digest(state, monk
     assert len(hashed) == len(replies)
     audited = [a for a in state.audit.path.read_text().splitlines() if '"received"' in a]
     assert all(r.content["payload"]["payload-digest"] in line for r, line in zip(replies, audited))
+
+
+def test_a_refused_reply_is_not_hashed_again_and_the_audit_records_the_digest_it_claimed(state, monkeypatch):
+    replies = [train_reply(state, node, update(node), {"num-examples": w}) for node, w in WEIGHTS.items()]
+    replies[1].content["payload"]["payload-digest"] = "f" * 64  # what arrived is not what the node claims
+    hashed = []
+    real = transport.digest
+    monkeypatch.setattr(transport, "digest", lambda record, bound_to="": hashed.append(1) or real(record, bound_to))
+    receive_train(SmolVLAStrategy(state.cfg, state.wire, RUN_ID), state, replies)
+    assert len(hashed) == len(replies)
+    refused = [a for a in read_audit(state.audit.path.parent) if a.get("status") == "rejected"]
+    assert len(refused) == 1 and refused[0]["claimed-digest"] == "f" * 64 and "digest" not in refused[0]
+    assert "digest mismatch" in refused[0]["reason"] and refused[0]["bytes"] > 0

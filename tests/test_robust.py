@@ -47,7 +47,7 @@ def replies(state: RoundState, updates: list[dict[str, torch.Tensor]]) -> list[M
 
 def aggregate(state: RoundState, messages: list[Message]) -> dict[str, torch.Tensor]:
     strategy = SmolVLAStrategy(state.cfg, state.wire, RUN_ID)
-    mean, _ = strategy.aggregate_train(1, strategy.verify_train(1, messages))
+    mean = strategy.aggregate_train(1, strategy.verify_train(1, messages))
     return {name: t.clone() for name, t in mean.items()}
 
 

@@ -63,13 +63,17 @@ class AuditLog:
 
 def _payload(message: Message, known_digest: str = "") -> dict:
     """Digest and size of the message's arrays: the server's own digest for what it sends, the one verification
-    computed for what it receives, and only a reply that was never hashed is hashed here."""
+    computed for what it receives. A reply refused before its payload matched is not hashed here (a hostile
+    node must not cost the server a second pass): it is recorded with the digest it claimed."""
     content = message.content
     if "arrays" not in content.array_records:
         return {}
-    arrays = content["arrays"]
+    size = {"bytes": transport.nbytes(content["arrays"])}
     sent_digest = content["config"].get("payload-digest") if "config" in content.config_records else None
-    return {"digest": str(known_digest or sent_digest or transport.digest(arrays)), "bytes": transport.nbytes(arrays)}
+    if known_digest or sent_digest:
+        return {"digest": str(known_digest or sent_digest), **size}
+    claimed = content["payload"].get("payload-digest") if "payload" in content.config_records else None
+    return {"claimed-digest": str(claimed)[:64], **size} if claimed is not None else size
 
 
 def read_audit(run_dir: Path) -> list[dict]:

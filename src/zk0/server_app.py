@@ -230,7 +230,7 @@ def receive_train(strategy: SmolVLAStrategy, state: RoundState, replies: list[Me
     """Verify the train replies, record every verdict, and apply the accepted updates' mean to the global tensors."""
     verdicts = strategy.verify_train(state.server_round, replies)
     state.received("train", verdicts, state.server_round)
-    mean, _ = strategy.aggregate_train(state.server_round, verdicts)  # the clients' metrics are logged one by one
+    mean = strategy.aggregate_train(state.server_round, verdicts)
     state.apply(mean, len(passed(verdicts)))
 
 

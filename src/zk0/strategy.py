@@ -168,9 +168,8 @@ class SmolVLAStrategy(FedAvg):
             raise transport.PayloadError(f"update norm {norm:.3g} exceeds max-update-norm={bound}")
         return arrays
 
-    def aggregate_train(self, server_round: int,
-                        verdicts: list[Verdict[Update]]) -> tuple[dict[str, torch.Tensor], MetricRecord]:
-        """The accepted updates' fp32 aggregate, and their mean metrics.
+    def aggregate_train(self, server_round: int, verdicts: list[Verdict[Update]]) -> dict[str, torch.Tensor]:
+        """The accepted updates' fp32 aggregate (the clients' metrics are logged one by one, not averaged).
 
         ``aggregation=mean``: their mean weighted by ``num-examples`` (``dp=central``: equal weights,
         :mod:`zk0.privacy`), accumulated in place; a robust rule
@@ -195,7 +194,7 @@ class SmolVLAStrategy(FedAvg):
             if chosen is not None:
                 log(INFO, "round %d: krum kept the update of node %s (of %d)", server_round,
                     accepted[chosen].reply.metadata.src_node_id, len(accepted))
-        return self.mean, _mean_metrics([verdict.reply for verdict in accepted])
+        return self.mean
 
     def _check_enough(self, server_round: int, valid: int) -> None:
         """Raise :class:`RoundFailed` unless ``valid`` updates reach ``min-train-nodes`` and what the robust rule
