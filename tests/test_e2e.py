@@ -29,11 +29,25 @@ def env_for(tmp_path: Path) -> dict[str, str]:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
+def client_app_niceness(session: int) -> set[int]:
+    """The nice values of the Ray workers running ClientApps in the process session ``session``."""
+    seen = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[3]) == session and b"ClientAppActor" in cmdline:  # fields after "(comm)": state is [0]
+            seen.add(int(fields[16]))
+    return seen
+
+
 @pytest.fixture
 def superlink(tmp_path):
     """A simulation SuperLink on a free loopback port, with a connection named `e2e`."""
     port = free_port()
-    env = env_for(tmp_path)
+    env = {**env_for(tmp_path), "RAY_worker_niceness": "0"}  # as the README says: clients not starved under load
     (tmp_path / "flwr").mkdir()
     (tmp_path / "flwr" / "config.toml").write_text(
         f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
@@ -107,8 +121,10 @@ def test_zk0_simulate_on_owners_data_killed_and_resumed(tmp_path, lab_registry, 
             f"datasets='lab' registry='{lab_registry}' model-name='{smolvla_base_folder}' min-stats-clients=2"]
     proc = subprocess.Popen(args, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, cwd=tmp_path)
+    niceness = set()
     def round_1_done() -> bool:
         assert proc.poll() is None, "the simulation exited before it finished round 1"
+        niceness.update(client_app_niceness(proc.pid))
         return any(r.get("event") == "round" and r["round"] == 1
                    for path in out.glob("*/metrics.jsonl") for r in read_metrics(path))
 
@@ -118,6 +134,7 @@ def test_zk0_simulate_on_owners_data_killed_and_resumed(tmp_path, lab_registry, 
         os.killpg(proc.pid, signal.SIGKILL)  # Ray's workers die with the session
         proc.wait(timeout=deadline())
     (run_dir,) = out.iterdir()
+    assert niceness == {0}, f"Ray's ClientApp workers ran at nice {niceness}: starved beside other work"
     assert "fedavg" in run_dir.name
     assert json.loads((run_dir / "config.json").read_text())["run-config"]["strategy"] == "fedavg"
     assert torch.load(run_dir / "server_state.pt", weights_only=True)["server_round"] < 3

@@ -12,6 +12,10 @@ from zk0.cli.common import RunConfigOpt, check_setup, fail, parse_overrides, reg
 from zk0.config import ConfigError, RunConfig
 from zk0.logs import quiet_simulation_runtime
 
+# Ray starts its workers, which run every ClientApp (all the training), at nice 15: beside any other work on the
+# machine they starve (a test's round took 17 min beside three busy processes). Normal priority.
+RAY_SYSTEM = {"worker_niceness": 0}
+
 
 def simulate(
     run_config: RunConfigOpt = None,
@@ -83,7 +87,7 @@ def _run_simulation(overrides: dict, num_supernodes: int, client_resources: dict
     app_dir = default_pyproject().parent
     context = Context(run_id=random.getrandbits(63), node_id=0, node_config={}, state=RecordDict(),
                       run_config=get_fused_config_from_dir(app_dir, overrides))
-    backend = {"init_args": {"include_dashboard": False, "_node_ip_address": "127.0.0.1"},
+    backend = {"init_args": {"include_dashboard": False, "_node_ip_address": "127.0.0.1", "_system_config": RAY_SYSTEM},
                "client_resources": client_resources}
     run_simulation(context, overrides, num_supernodes, backend, str(app_dir), server_app_attr="zk0.server_app:app",
                    client_app_attr="zk0.client_app:app")
