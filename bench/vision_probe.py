@@ -71,11 +71,11 @@ def main() -> None:
     train_x, train_y, train_half = first_frames(TRAIN_SEED, args.spawns)
     test_x, test_y, test_half = first_frames(TEST_SEED, TEST_SPAWNS)
     vlm = SmolVLAPolicy(policy.local_config(name, 10, "cpu")).model.vlm_with_expert
-    tower = torch.nn.ModuleList([vlm.get_vlm_model().vision_model, vlm.get_vlm_model().connector])
     with torch.no_grad():
         width = vlm.embed_image(train_x[:1]).flatten(1).shape[1]
     head = torch.nn.Linear(width, 2)
-    optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=1e-3)
+    tower = [*vlm.get_vlm_model().vision_model.parameters(), *vlm.get_vlm_model().connector.parameters()]
+    optimizer = torch.optim.AdamW([*tower, *head.parameters()], lr=1e-3)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         return head(vlm.embed_image(x).flatten(1))

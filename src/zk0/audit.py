@@ -70,8 +70,8 @@ def _payload(message: Message, known_digest: str = "") -> dict:
         return {}
     size = {"bytes": transport.nbytes(content["arrays"])}
     sent_digest = content["config"].get("payload-digest") if "config" in content.config_records else None
-    if known_digest or sent_digest:
-        return {"digest": str(known_digest or sent_digest), **size}
+    if digest := known_digest or sent_digest:
+        return {"digest": str(digest), **size}
     claimed = content["payload"].get("payload-digest") if "payload" in content.config_records else None
     return {"claimed-digest": str(claimed)[:64], **size} if claimed is not None else size
 
