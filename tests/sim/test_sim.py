@@ -64,11 +64,30 @@ def test_env_observation_and_units():
         assert not env.success()
 
 
+def test_perturbed_demonstration_records_the_experts_targets_from_off_path_states():
+    """DART: the arm is pushed off the expert's path during the approach, the labels stay the expert's plan."""
+    from zk0.sim.expert import grasp_rotation, plan
+    from zk0.sim.record import demonstrate
+
+    with sim.SimEnv(PICK, render=False) as env:
+        clean, clean_ok = demonstrate(env, 5)
+        noisy, noisy_ok = demonstrate(env, 5, perturb_deg=2.0)
+        keys = plan(env.task, env.spawn, grasp_rotation(env.spawn))
+    approach = keys[0].frames + keys[1].frames
+    assert clean_ok and noisy_ok and len(clean) == len(noisy)
+    labels = np.array([[f["action"] for f in frames] for frames in (clean, noisy)])
+    states = np.array([[f["observation.state"] for f in frames] for frames in (clean, noisy)])
+    np.testing.assert_allclose(labels[0], labels[1], atol=1e-4)  # the expert's targets, whatever the arm did
+    off_path = np.abs(states[0] - states[1])
+    assert off_path[:approach, :5].max() > 1.0  # the reach and descent were perturbed (degrees)
+    assert off_path[:approach, 5].max() < 0.5  # never the gripper
+
+
 def test_record_writes_a_loadable_dataset(tmp_path):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     report = sim.record(PICK, tmp_path / "red", episodes=2, seed=0, image_size=SIZE)
-    assert (report.successes, report.success_rate) == (2, 1.0) and report.attempts == 2
+    assert report.successes == 2 <= report.attempts and report.success_rate == 2 / report.attempts  # perturbed ones may fail
     assert report.frames > 0 and report.seconds > 0
     ds = LeRobotDataset("zk0/red", root=tmp_path / "red", video_backend="pyav")
     assert ds.meta.fps == 30 and ds.meta.robot_type == "so101_follower"

@@ -17,7 +17,7 @@ from zk0.sim.scene import TASKS
 if TYPE_CHECKING:
     from zk0.registry import DatasetEntry
 
-EMBEDDED_EPISODES, EMBEDDED_VERSION = 10, 2  # demonstrations per embedded task (the demo's); v2: lossless video
+EMBEDDED_EPISODES, EMBEDDED_VERSION = 10, 3  # demonstrations per embedded task (the demo's); v3: perturbed approach
 SHARD_STRIDE = 10_000  # recording seeds between two shards of one task
 
 

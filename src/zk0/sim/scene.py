@@ -25,7 +25,7 @@ import numpy as np
 from zk0.so101 import FPS
 SUBSTEPS = 16  # physics steps per control step: 1/(30*16) s ~ the shipped 2 ms timestep
 REST_DEG = np.array([0.0, -90.0, 90.0, 37.8, 0.0, 0.0])  # the package's rest pose, gripper closed
-FRONT_VIEW = {"lookat": (0.16, 0.0, 0.03), "distance": 0.45, "azimuth": 180.0, "elevation": -35.0}
+FRONT_VIEW = {"lookat": (0.20, 0.0, 0.0), "distance": 0.34, "azimuth": 180.0, "elevation": -55.0}
 WRIST_CAMERA = "wrist_cam"
 SITE = "gripperframe"
 PADS = ("static_finger_pad", "moving_finger_pad")
@@ -57,22 +57,22 @@ class Task:
     target_rgba: RGBA = (1.0, 1.0, 1.0, 1.0)
     target_half: float = 0.035
     lift_height: float = 0.05
-    max_yaw_deg: float = 30.0
+    max_yaw_deg: float = 10.0
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("red-pick", "pick up the red cube", (0.85, 0.12, 0.12, 1.0), 0.0125,
-         (0.20, 0.0), (0.04, 0.05), (0.45, 0.45, 0.45, 1.0), "pick"),
+         (0.20, 0.0), (0.015, 0.015), (0.45, 0.45, 0.45, 1.0), "pick"),
     Task("blue-pick-small", "pick up the small blue cube", (0.15, 0.25, 0.9, 1.0), 0.009,
-         (0.20, -0.06), (0.03, 0.03), (0.62, 0.52, 0.38, 1.0), "pick"),
+         (0.20, -0.06), (0.01, 0.01), (0.62, 0.52, 0.38, 1.0), "pick"),
     Task("green-place-left", "put the green cube on the white square on the left",
-         (0.15, 0.75, 0.2, 1.0), 0.0125, (0.21, -0.04), (0.03, 0.03), (0.3, 0.32, 0.4, 1.0), "place",
+         (0.15, 0.75, 0.2, 1.0), 0.0125, (0.21, -0.04), (0.01, 0.01), (0.3, 0.32, 0.4, 1.0), "place",
          target=(0.18, 0.12), target_rgba=(0.95, 0.95, 0.95, 1.0)),
     Task("yellow-place-right", "put the yellow cube on the blue square on the right",
-         (0.92, 0.82, 0.1, 1.0), 0.015, (0.21, 0.05), (0.03, 0.03), (0.35, 0.42, 0.32, 1.0), "place",
+         (0.92, 0.82, 0.1, 1.0), 0.015, (0.21, 0.05), (0.01, 0.01), (0.35, 0.42, 0.32, 1.0), "place",
          target=(0.18, -0.12), target_rgba=(0.2, 0.35, 0.9, 1.0)),
     Task("purple-place-center", "put the purple cube on the orange square in the middle",
-         (0.55, 0.2, 0.75, 1.0), 0.0125, (0.20, 0.10), (0.03, 0.02), (0.5, 0.4, 0.42, 1.0), "place",
+         (0.55, 0.2, 0.75, 1.0), 0.0125, (0.20, 0.10), (0.01, 0.01), (0.5, 0.4, 0.42, 1.0), "place",
          target=(0.22, -0.02), target_rgba=(0.95, 0.5, 0.1, 1.0)),
 ]}
 CLIENT_TASKS = ("red-pick", "blue-pick-small", "green-place-left", "yellow-place-right")
