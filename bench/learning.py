@@ -44,17 +44,26 @@ FEDERATED = {  # name: run-config overrides of a federated setting
 BASELINES = ("centralized", "local")
 SHARED = {  # the benchmark's settings, shared by every method
     "datasets": "benchmark", "model-name": "tiny", "batch-size": 16, "lr": 1e-3, "lr-schedule": "cosine",
-    "lr-min-factor": 0.05, "warmup-rounds": 1, "sim-eval-episodes": 10, "eval-batches": 8, "min-train-nodes": 4,
-    "min-evaluate-nodes": 4, "min-stats-clients": 3,
+    "lr-min-factor": 0.05, "warmup-rounds": 1, "sim-eval-episodes": 10, "eval-batches": 8, "min-stats-clients": 3,
 }
 MARKERS = ("<!-- learning-table:start -->", "<!-- learning-table:end -->")
 
 
 def settings(args: argparse.Namespace, seed: int) -> dict:
-    """The run config of every method for ``seed``: evaluated (and rolled out) at round 0 and after the last."""
-    return {**SHARED, "seed": seed, "num-server-rounds": args.rounds, "local-steps": args.local_steps,
-            "eval-every": args.rounds, "sim-eval-every": args.rounds, "checkpoint-interval": args.rounds,
-            "model-name": args.model, **json.loads(args.set)}
+    """The run config of every method for ``seed``: evaluated (and rolled out) at round 0 and after the last,
+    every client of the profile training and evaluating in every round."""
+    config = {**SHARED, "seed": seed, "num-server-rounds": args.rounds, "local-steps": args.local_steps,
+              "eval-every": args.rounds, "sim-eval-every": args.rounds, "checkpoint-interval": args.rounds,
+              "model-name": args.model, **json.loads(args.set)}
+    clients = num_clients(config)
+    return {"min-train-nodes": clients, "min-evaluate-nodes": clients, **config}
+
+
+def num_clients(config: dict) -> int:
+    """How many clients the run config's dataset profile has (the federation's node count)."""
+    from zk0.registry import load_registry
+
+    return len(load_registry(config["datasets"], config.get("registry", "")).clients)
 
 
 def run_method(method: str, config: dict, out: Path) -> Path:
@@ -72,7 +81,7 @@ def run_method(method: str, config: dict, out: Path) -> Path:
         return run_baseline(RunConfig.from_run_config(fused), method)
     from federation import run_federation
 
-    run_dir, _ = run_federation(fused, num_nodes=4)
+    run_dir, _ = run_federation(fused, num_nodes=num_clients(config))
     return run_dir
 
 
@@ -102,11 +111,12 @@ def cell(values: list[float], digits: int) -> str:
 
 def table(results: dict[str, list[dict]], args: argparse.Namespace, cpu_minutes: float) -> list[str]:
     """The README's markdown table and the settings it was measured with."""
-    steps = args.rounds * args.local_steps * 4
     used = settings(args, 0)
-    lines = [f"Dataset profile `{used['datasets']}` (4 clients), model `{args.model}`, "
+    clients = num_clients(used)
+    steps = args.rounds * args.local_steps * clients
+    lines = [f"Dataset profile `{used['datasets']}` ({clients} clients), model `{args.model}`, "
              f"{steps} optimizer steps of batch {used['batch-size']} per method "
-             f"({args.rounds} rounds × {args.local_steps} local steps × 4 clients), seeds {args.seeds}, "
+             f"({args.rounds} rounds × {args.local_steps} local steps × {clients} clients), seeds {args.seeds}, "
              f"{used['sim-eval-episodes']} simulator episodes per task; medians (min–max); "
              f"{cpu_minutes:.0f} CPU-minutes in all (`python bench/learning.py"
              f"{' ' + ' '.join(args.argv) if args.argv else ''}`).", "",
