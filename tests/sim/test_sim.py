@@ -66,14 +66,13 @@ def test_env_observation_and_units():
 
 def test_perturbed_demonstration_records_the_experts_targets_from_off_path_states():
     """DART: the arm is pushed off the expert's path during the approach, the labels stay the expert's plan."""
-    from zk0.sim.expert import grasp_rotation, plan
+    from zk0.sim.expert import Expert
     from zk0.sim.record import demonstrate
 
     with sim.SimEnv(PICK, render=False) as env:
         clean, clean_ok = demonstrate(env, 5)
         noisy, noisy_ok = demonstrate(env, 5, perturb_deg=2.0)
-        keys = plan(env.task, env.spawn, grasp_rotation(env.spawn))
-    approach = keys[0].frames + keys[1].frames
+        approach = Expert(env.model, env.task, env.spawn).approach_frames
     assert clean_ok and noisy_ok and len(clean) == len(noisy)
     labels = np.array([[f["action"] for f in frames] for frames in (clean, noisy)])
     states = np.array([[f["observation.state"] for f in frames] for frames in (clean, noisy)])

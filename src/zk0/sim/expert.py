@@ -134,6 +134,11 @@ class Expert:
         self._hover = self._q = np.zeros(len(ARM))  # IK solutions (rad)
 
     @property
+    def approach_frames(self) -> int:
+        """Control steps of the reach and the descent: until the jaws are at the grasp point, about to close."""
+        return self.keys[0].frames + self.keys[1].frames
+
+    @property
     def done(self) -> bool:
         """Whether every keyframe has been reached."""
         return self.t >= self.frames

@@ -25,14 +25,14 @@ import numpy as np
 
 from zk0.logs import ffmpeg_quiet
 from zk0.sim.env import SimEnv
-from zk0.sim.expert import Expert
+from zk0.sim.expert import ARM, Expert
 from zk0.sim.scene import Task, get_task
 from zk0.so101 import CAMERAS, FPS, ROBOT_TYPE, features
 
 MAX_ATTEMPTS_FACTOR = 2  # give up when the expert fails more often than it succeeds
 PERTURB_DEG = 2.0  # stationary std of the noise on each arm joint (the gripper is never perturbed)
 PERTURB_THETA = 0.15  # per-step pull of the noise back to zero (Ornstein-Uhlenbeck): correlated over ~7 steps
-ARM_MASK = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+ARM_MASK = np.array([1.0] * len(ARM) + [0.0])  # joint order: the arm's, then the gripper
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,12 @@ def demonstrate(env: SimEnv, seed: int, perturb_deg: float = 0.0) -> tuple[list[
     """
     obs = env.reset(seed)
     expert = Expert(env.model, env.task, env.spawn)
-    approach = expert.keys[0].frames + expert.keys[1].frames
     rng = np.random.default_rng(seed)
     noise, frames = np.zeros(len(ARM_MASK)), []
     while not expert.done:
         action = expert(obs["state"])
         frames.append(_frame(obs, action))
-        scale = perturb_deg if expert.t < approach else 0.0
+        scale = perturb_deg if expert.t < expert.approach_frames else 0.0
         noise += -PERTURB_THETA * noise + scale * np.sqrt(2 * PERTURB_THETA) * rng.standard_normal(len(noise)) * ARM_MASK
         obs = env.step(action + noise.astype(np.float32))
     return frames, env.success()
