@@ -20,7 +20,9 @@ Run: ``HF_HUB_OFFLINE=1 python bench/learning.py [--seeds 42,43,44] [--methods c
 [--readme]``. It ends with one line per method (``method=<name> success=<median> heldout_mae=<median>
 unseen_mae=<median>``), then ``fed_vs_central_success=<ratio>`` and ``fed_vs_central_mae=<ratio>`` for the
 best federated setting (highest median success, then lowest held-out MAE). ``--readme`` writes the table
-into README.md between its ``learning-table`` markers.
+into README.md between its ``learning-table`` markers. With ``--out``, a finished run there of exactly the
+same run config is read instead of run again, so an interrupted benchmark, or one given another seed or
+setting, reruns only what is missing (each run's CPU time is kept beside it, for the table).
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zk0.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDERATED = {  # name: run-config overrides of a federated setting
@@ -46,15 +53,17 @@ SHARED = {  # the benchmark's settings, shared by every method
     "datasets": "benchmark", "model-name": "tiny", "batch-size": 16, "lr": 1e-3, "lr-schedule": "cosine",
     "lr-min-factor": 0.05, "warmup-rounds": 1, "sim-eval-episodes": 10, "eval-batches": 8, "min-stats-clients": 3,
 }
+CPU_RECORD = "bench-cpu.json"  # written into each run folder the benchmark made: the run's CPU seconds
 MARKERS = ("<!-- learning-table:start -->", "<!-- learning-table:end -->")
 
 
-def settings(args: argparse.Namespace, seed: int) -> dict:
-    """The run config of every method for ``seed``: evaluated (and rolled out) at round 0 and after the last,
-    every client of the profile training and evaluating in every round."""
+def settings(args: argparse.Namespace, seed: int, method: str = "") -> dict:
+    """The run config of ``method`` for ``seed``: evaluated (and rolled out) at round 0 and after the last,
+    every client of the profile training and evaluating in every round; ``--set`` wins over the method's own."""
     config = {**SHARED, "seed": seed, "num-server-rounds": args.rounds, "local-steps": args.local_steps,
               "eval-every": args.rounds, "sim-eval-every": args.rounds, "checkpoint-interval": args.rounds,
-              "model-name": args.model, **json.loads(args.set)}
+              "model-name": args.model, **FEDERATED.get(method, {}), **json.loads(args.set),
+              **({"sim-eval-every": 0} if method == "local" else {})}  # 4 models x 4 tasks: not rolled out
     clients = num_clients(config)
     return {"min-train-nodes": clients, "min-evaluate-nodes": clients, **config}
 
@@ -66,23 +75,41 @@ def num_clients(config: dict) -> int:
     return len(load_registry(config["datasets"], config.get("registry", "")).clients)
 
 
-def run_method(method: str, config: dict, out: Path) -> Path:
-    """One run of ``method``; its run folder."""
+def run_method(method: str, config: dict, out: Path, run_federation: Callable) -> tuple[Path, bool]:
+    """One run of ``method``: its run folder, and whether a finished run of the same config was reused.
+
+    ``run_federation``: the tests' in-process federation (``tests/federation.py``).
+    """
     from flwr.common.config import get_fused_config_from_dir
 
     from zk0.config import RunConfig
 
-    local = {"sim-eval-every": 0} if method == "local" else {}  # 4 models x 4 tasks: not rolled out
-    fused = get_fused_config_from_dir(ROOT, {**config, **FEDERATED.get(method, {}), **local,
-                                             "output-dir": str(out / method)})
+    fused = get_fused_config_from_dir(ROOT, {**config, "output-dir": str(out / method)})
+    if done := finished_run(out / method, RunConfig.from_run_config(fused)):
+        return done, True
     if method in BASELINES:
         from zk0.tools.baseline import run_baseline
 
         return run_baseline(RunConfig.from_run_config(fused), method)
-    from federation import run_federation
-
     run_dir, _ = run_federation(fused, num_nodes=num_clients(config))
-    return run_dir
+    return run_dir, False
+
+
+def finished_run(folder: Path, cfg: RunConfig) -> Path | None:
+    """The newest run in ``folder`` (a method's ``--out`` folder) made with exactly this run config and finished
+    (its last round completed), so an interrupted or extended benchmark reruns only what is missing."""
+    from zk0.tools.compare import CompareError, load_run
+
+    wanted = cfg.to_run_config()
+    for config in sorted(folder.glob("*/config.json"), reverse=True):
+        if json.loads(config.read_text()).get("run-config") != wanted:
+            continue
+        try:
+            if load_run(config.parent).last_round == cfg.federation.num_server_rounds:
+                return config.parent
+        except CompareError:  # stopped before round 0 was recorded
+            continue
+    return None
 
 
 def outcome(run_dir: Path) -> dict[str, float | list[float]]:
@@ -109,16 +136,19 @@ def cell(values: list[float], digits: int) -> str:
     return f"{mid:.{digits}f}" if len(values) == 1 else f"{mid:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
 
 
-def table(results: dict[str, list[dict]], args: argparse.Namespace, cpu_minutes: float) -> list[str]:
-    """The README's markdown table and the settings it was measured with."""
+def table(results: dict[str, list[dict]], args: argparse.Namespace, cpu: list[float | None]) -> list[str]:
+    """The README's markdown table and the settings it was measured with; ``cpu``: each run's CPU seconds."""
     used = settings(args, 0)
+    cpu_minutes = sum(c for c in cpu if c is not None) / 60
+    unknown = sum(c is None for c in cpu)
     clients = num_clients(used)
     steps = args.rounds * args.local_steps * clients
     lines = [f"Dataset profile `{used['datasets']}` ({clients} clients), model `{args.model}`, "
              f"{steps} optimizer steps of batch {used['batch-size']} per method "
              f"({args.rounds} rounds × {args.local_steps} local steps × {clients} clients), seeds {args.seeds}, "
              f"{used['sim-eval-episodes']} simulator episodes per task; medians (min–max); "
-             f"{cpu_minutes:.0f} CPU-minutes in all (`python bench/learning.py"
+             f"{cpu_minutes:.0f} CPU-minutes in all{f' and {unknown} runs of unrecorded CPU time' if unknown else ''} "
+             f"(`python bench/learning.py"
              f"{' ' + ' '.join(args.argv) if args.argv else ''}`).", "",
              "| method | sim success (client tasks) | held-out MAE (°) | unseen MAE (°) |", "|---|---|---|---|"]
     for method, runs in results.items():
@@ -179,9 +209,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--local-steps", type=int, default=100)
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--set", default="{}", help='more run-config overrides for every method, as JSON')
+    parser.add_argument("--set", default="{}", help="run-config overrides for every method, as JSON (they win)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--out", type=Path, default=None, help="keep the run folders here (default: a temp folder)")
+    parser.add_argument("--out", type=Path, default=None, help="keep the run folders here, and reuse the finished ones of the same config (default: a temp folder)")
     parser.add_argument("--readme", action="store_true", help="write the table into README.md")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
@@ -190,22 +220,27 @@ def main() -> None:
         parser.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join([*BASELINES, *FEDERATED])}")
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
     import torch
+    from federation import run_federation  # before the threads: the tests' conftest it imports sets one
     from flwr.common.logger import console_handler
 
     torch.set_num_threads(args.threads)
     console_handler.setLevel(logging.WARNING)  # each run's rounds go to its zk0.log; the console gets one line a run
     results: dict[str, list[dict]] = {m: [] for m in methods}
-    cpu_start = _cpu_seconds()
+    cpu: list[float | None] = []  # each run's CPU seconds (None: a reused run that has no record of it)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         for seed in (int(s) for s in args.seeds.split(",")):
             for method in methods:
-                start = time.monotonic()
-                result = outcome(run_method(method, settings(args, seed), out / f"seed{seed}"))
-                results[method].append(result)
-                print(f"seed {seed} {method}: {json.dumps(result)} "
-                      f"({time.monotonic() - start:.0f}s)", flush=True)
-    lines = table(results, args, (_cpu_seconds() - cpu_start) / 60)
+                start, cpu_start = time.monotonic(), _cpu_seconds()
+                run_dir, reused = run_method(method, settings(args, seed, method), out / f"seed{seed}", run_federation)
+                if not reused:
+                    (run_dir / CPU_RECORD).write_text(json.dumps({"cpu-seconds": _cpu_seconds() - cpu_start}))
+                cpu.append(json.loads((run_dir / CPU_RECORD).read_text())["cpu-seconds"]
+                           if (run_dir / CPU_RECORD).is_file() else None)
+                results[method].append(result := outcome(run_dir))
+                took = f"reused {run_dir}" if reused else f"{time.monotonic() - start:.0f}s"
+                print(f"seed {seed} {method}: {json.dumps(result)} ({took})", flush=True)
+    lines = table(results, args, cpu)
     print("\n" + "\n".join(lines) + "\n")
     if args.readme:
         write_readme(lines)

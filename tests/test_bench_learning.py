@@ -1,0 +1,39 @@
+"""bench/learning.py reuses a finished run of exactly the same config, and nothing else."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from zk0.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_learning", ROOT / "bench" / "learning.py")
+learning = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(learning)
+
+
+def make_run(folder: Path, cfg: RunConfig, last_round: int) -> Path:
+    """A run folder as zk0 writes it: its config and one round record per completed round."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"run-config": cfg.to_run_config()}))
+    rounds = [{"round": r, "source": "server", "event": "round", "seconds": 1.0} for r in range(last_round + 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    return folder
+
+
+def test_a_finished_run_of_the_same_config_is_reused(tmp_path):
+    cfg = RunConfig.flat(num_server_rounds=3, lr=1e-3)
+    done = make_run(tmp_path / "20261130-100000-fedavg-1", cfg, last_round=3)
+    assert learning.finished_run(tmp_path, cfg) == done
+
+
+def test_an_unfinished_run_or_another_setting_is_run_again(tmp_path):
+    cfg = RunConfig.flat(num_server_rounds=3, lr=1e-3)
+    make_run(tmp_path / "20261130-100000-fedavg-1", cfg, last_round=2)  # killed in round 3
+    make_run(tmp_path / "20261130-110000-fedavg-2", RunConfig.flat(num_server_rounds=3, lr=2e-3), last_round=3)
+    (tmp_path / "20261130-120000-fedavg-3").mkdir()  # stopped before it wrote anything
+    empty = tmp_path / "20261130-130000-fedavg-4"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"run-config": cfg.to_run_config()}))
+    (empty / "metrics.jsonl").write_text("")  # stopped before round 0 was recorded
+    assert learning.finished_run(tmp_path, cfg) is None
