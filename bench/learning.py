@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FEDERATED = {  # name: run-config overrides of a federated setting
     "fedavg": {"strategy": "fedavg"},
     "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01},
-    "fedavgm": {"strategy": "fedavg", "server-optimizer": "fedavgm", "server-lr": 1.0, "server-momentum": 0.5},
+    "fedavgm": {"strategy": "fedavg", "server-optimizer": "fedavgm", "server-lr": 1.0, "server-momentum": 0.75,
+                "num-server-rounds": 300},  # 20x the rounds, 1/20 of the local steps each: the clients drift apart less
 }
 BASELINES = ("centralized", "local")
 SHARED = {  # the benchmark's settings, shared by every method
@@ -59,10 +60,16 @@ MARKERS = ("<!-- learning-table:start -->", "<!-- learning-table:end -->")
 
 def settings(args: argparse.Namespace, seed: int, method: str = "") -> dict:
     """The run config of ``method`` for ``seed``: evaluated (and rolled out) at round 0 and after the last,
-    every client of the profile training and evaluating in every round; ``--set`` wins over the method's own."""
-    config = {**SHARED, "seed": seed, "num-server-rounds": args.rounds, "local-steps": args.local_steps,
-              "eval-every": args.rounds, "sim-eval-every": args.rounds, "checkpoint-interval": args.rounds,
-              "model-name": args.model, **FEDERATED.get(method, {}), **json.loads(args.set),
+    every client of the profile training and evaluating in every round; ``--set`` wins over the method's own.
+
+    A method with its own ``num-server-rounds`` trains ``--rounds`` x ``--local-steps`` steps per client in
+    those rounds (more rounds, fewer local steps each), so every method's optimizer steps stay equal.
+    """
+    own = {"num-server-rounds": args.rounds, **FEDERATED.get(method, {})}
+    own = {**own, "local-steps": args.rounds * args.local_steps // own["num-server-rounds"], **json.loads(args.set)}
+    rounds = own["num-server-rounds"]
+    config = {**SHARED, "seed": seed, "eval-every": rounds, "sim-eval-every": rounds, "checkpoint-interval": rounds,
+              "model-name": args.model, **own,
               **({"sim-eval-every": 0} if method == "local" else {})}  # 4 models x 4 tasks: not rolled out
     clients = num_clients(config)
     return {"min-train-nodes": clients, "min-evaluate-nodes": clients, **config}
@@ -90,7 +97,7 @@ def run_method(method: str, config: dict, out: Path, run_federation: Callable) -
     if method in BASELINES:
         from zk0.tools.baseline import run_baseline
 
-        return run_baseline(RunConfig.from_run_config(fused), method)
+        return run_baseline(RunConfig.from_run_config(fused), method), False
     run_dir, _ = run_federation(fused, num_nodes=num_clients(config))
     return run_dir, False
 
@@ -125,6 +132,9 @@ def outcome(run_dir: Path) -> dict[str, float | list[float]]:
                     and "by-partition" in r and "eval-action-mae" in r]
     if by_partition:
         result["unseen_mae_each"] = [p["eval-action-mae"] for p in by_partition[0]["by-partition"]]
+    clients = len(json.loads((run_dir / "config.json").read_text())["datasets"]["clients"])
+    traffic = sum(r.get("bytes-down", 0) + r.get("bytes-up", 0) for r in run.records if r.get("event") == "round")
+    result["traffic_mib"] = traffic / 2**20 / clients  # a baseline's: 0
     return result
 
 
@@ -142,19 +152,39 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace, cpu: list[fl
     cpu_minutes = sum(c for c in cpu if c is not None) / 60
     unknown = sum(c is None for c in cpu)
     clients = num_clients(used)
-    steps = args.rounds * args.local_steps * clients
     lines = [f"Dataset profile `{used['datasets']}` ({clients} clients), model `{args.model}`, "
-             f"{steps} optimizer steps of batch {used['batch-size']} per method "
-             f"({args.rounds} rounds × {args.local_steps} local steps × {clients} clients), seeds {args.seeds}, "
+             f"{optimizer_steps(used)} optimizer steps of batch {used['batch-size']} per method "
+             f"(rounds × local steps × {clients} clients), lr {used['lr']} {used['lr-schedule']}, seeds {args.seeds}, "
              f"{used['sim-eval-episodes']} simulator episodes per task; medians (min–max); "
              f"{cpu_minutes:.0f} CPU-minutes in all{f' and {unknown} runs of unrecorded CPU time' if unknown else ''} "
              f"(`python bench/learning.py"
              f"{' ' + ' '.join(args.argv) if args.argv else ''}`).", "",
-             "| method | sim success (client tasks) | held-out MAE (°) | unseen MAE (°) |", "|---|---|---|---|"]
+             "| method | settings (rounds × local steps) | sim success (client tasks) | held-out MAE (°) | unseen MAE (°) "
+             "| traffic per client (MiB) |", "|---|---|---|---|---|---|"]
     for method, runs in results.items():
-        lines.append(f"| {method} | {cell([r['success'] for r in runs], 2)} | "
-                     f"{cell([r['heldout_mae'] for r in runs], 2)} | {cell([r['unseen_mae'] for r in runs], 2)} |")
+        lines.append(f"| {method} | {describe(settings(args, 0, method), method)} | "
+                     f"{cell([r['success'] for r in runs], 2)} | "
+                     f"{cell([r['heldout_mae'] for r in runs], 2)} | {cell([r['unseen_mae'] for r in runs], 2)} | "
+                     f"{cell([r['traffic_mib'] for r in runs], 0) if method in FEDERATED else '—'} |")
     return lines
+
+
+def describe(config: dict, method: str) -> str:
+    """A method's settings in a table cell: what it trains on, its strategy and server optimizer, its rounds."""
+    rounds = f"{config['num-server-rounds']} × {config['local-steps']}"
+    if method in BASELINES:
+        return f"{'pooled data' if method == 'centralized' else 'each client alone'}, {rounds}"
+    parts = [config["strategy"]]
+    if config["strategy"] == "fedprox" or config.get("adaptive-mu"):
+        parts.append(f"mu {config['proximal-mu']}{' adaptive' if config.get('adaptive-mu') else ''}")
+    if config.get("server-optimizer", "none") != "none":
+        parts.append(f"{config['server-optimizer']} lr {config['server-lr']} momentum {config['server-momentum']}")
+    return f"{', '.join(parts)}, {rounds}"
+
+
+def optimizer_steps(config: dict) -> int:
+    """Optimizer steps of a run of ``config``: rounds x local steps x clients (every method's must be equal)."""
+    return config["num-server-rounds"] * config["local-steps"] * num_clients(config)
 
 
 def write_readme(lines: list[str]) -> None:
@@ -219,6 +249,9 @@ def main() -> None:
     if unknown := [m for m in methods if m not in (*BASELINES, *FEDERATED)]:
         parser.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join([*BASELINES, *FEDERATED])}")
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+    steps = {m: optimizer_steps(settings(args, 0, m)) for m in methods}
+    if len(set(steps.values())) > 1:
+        parser.error(f"methods must train with equal optimizer steps (rounds x local steps x clients); got {steps}")
     import torch
     from federation import run_federation  # before the threads: the tests' conftest it imports sets one
     from flwr.common.logger import console_handler

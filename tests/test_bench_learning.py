@@ -1,5 +1,6 @@
 """bench/learning.py reuses a finished run of exactly the same config, and nothing else."""
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -37,3 +38,21 @@ def test_an_unfinished_run_or_another_setting_is_run_again(tmp_path):
     (empty / "config.json").write_text(json.dumps({"run-config": cfg.to_run_config()}))
     (empty / "metrics.jsonl").write_text("")  # stopped before round 0 was recorded
     assert learning.finished_run(tmp_path, cfg) is None
+
+
+def test_every_method_trains_with_equal_optimizer_steps_and_the_settings_reach_its_run_config():
+    args = argparse.Namespace(rounds=15, local_steps=100, model="tiny", set="{}")
+    configs = {m: learning.settings(args, 42, m) for m in (*learning.BASELINES, *learning.FEDERATED)}
+    assert {learning.optimizer_steps(c) for c in configs.values()} == {15 * 100 * 4}
+    for method, overrides in learning.FEDERATED.items():
+        assert overrides.items() <= configs[method].items()
+        assert configs[method]["eval-every"] == configs[method]["num-server-rounds"]  # evaluated at the end only
+    args.set = '{"server-lr": 3.0}'
+    assert learning.settings(args, 42, "fedavgm")["server-lr"] == 3.0  # --set wins
+
+
+def test_the_eight_client_variation_keeps_the_steps_equal():
+    args = argparse.Namespace(rounds=12, local_steps=50, model="tiny", set='{"datasets": "benchmark-8"}')
+    configs = {m: learning.settings(args, 42, m) for m in (*learning.BASELINES, *learning.FEDERATED)}
+    assert {learning.optimizer_steps(c) for c in configs.values()} == {12 * 50 * 8}
+    assert {c["min-train-nodes"] for c in configs.values()} == {8}
