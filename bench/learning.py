@@ -178,7 +178,8 @@ def describe(config: dict, method: str) -> str:
     if config["strategy"] == "fedprox" or config.get("adaptive-mu"):
         parts.append(f"mu {config['proximal-mu']}{' adaptive' if config.get('adaptive-mu') else ''}")
     if config.get("server-optimizer", "none") != "none":
-        parts.append(f"{config['server-optimizer']} lr {config['server-lr']} momentum {config['server-momentum']}")
+        parts.append(f"server {config['server-optimizer']} lr {config['server-lr']} "
+                     f"momentum {config['server-momentum']}")
     return f"{', '.join(parts)}, {rounds}"
 
 
