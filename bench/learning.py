@@ -154,13 +154,14 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace, cpu: list[fl
     clients = num_clients(used)
     lines = [f"Dataset profile `{used['datasets']}` ({clients} clients), model `{args.model}`, "
              f"{optimizer_steps(used)} optimizer steps of batch {used['batch-size']} per method "
-             f"(rounds × local steps × {clients} clients), lr {used['lr']} {used['lr-schedule']}, seeds {args.seeds}, "
+             f"(rounds × local steps × {clients} clients), lr {used['lr']} {used['lr-schedule']}, "
+             f"seeds {args.seeds}, "
              f"{used['sim-eval-episodes']} simulator episodes per task; medians (min–max); "
              f"{cpu_minutes:.0f} CPU-minutes in all{f' and {unknown} runs of unrecorded CPU time' if unknown else ''} "
              f"(`python bench/learning.py"
              f"{' ' + ' '.join(args.argv) if args.argv else ''}`).", "",
-             "| method | settings (rounds × local steps) | sim success (client tasks) | held-out MAE (°) | unseen MAE (°) "
-             "| traffic per client (MiB) |", "|---|---|---|---|---|---|"]
+             "| method | settings (rounds × local steps) | sim success (client tasks) | held-out MAE (°) "
+             "| unseen MAE (°) | traffic per client (MiB) |", "|---|---|---|---|---|---|"]
     for method, runs in results.items():
         lines.append(f"| {method} | {describe(settings(args, 0, method), method)} | "
                      f"{cell([r['success'] for r in runs], 2)} | "
@@ -242,7 +243,9 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--set", default="{}", help="run-config overrides for every method, as JSON (they win)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--out", type=Path, default=None, help="keep the run folders here, and reuse the finished ones of the same config (default: a temp folder)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="keep the run folders here, and reuse the finished ones of the same config "
+                             "(default: a temp folder)")
     parser.add_argument("--readme", action="store_true", help="write the table into README.md")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
