@@ -92,12 +92,13 @@ def run_method(method: str, config: dict, out: Path, run_federation: Callable) -
     from zk0.config import RunConfig
 
     fused = get_fused_config_from_dir(ROOT, {**config, "output-dir": str(out / method)})
-    if done := finished_run(out / method, RunConfig.from_run_config(fused)):
+    cfg = RunConfig.from_run_config(fused)
+    if done := finished_run(out / method, cfg):
         return done, True
     if method in BASELINES:
         from zk0.tools.baseline import run_baseline
 
-        return run_baseline(RunConfig.from_run_config(fused), method), False
+        return run_baseline(cfg, method), False
     run_dir, _ = run_federation(fused, num_nodes=num_clients(config))
     return run_dir, False
 
@@ -270,10 +271,7 @@ def main() -> None:
             for method in methods:
                 start, cpu_start = time.monotonic(), _cpu_seconds()
                 run_dir, reused = run_method(method, settings(args, seed, method), out / f"seed{seed}", run_federation)
-                if not reused:
-                    (run_dir / CPU_RECORD).write_text(json.dumps({"cpu-seconds": _cpu_seconds() - cpu_start}))
-                cpu.append(json.loads((run_dir / CPU_RECORD).read_text())["cpu-seconds"]
-                           if (run_dir / CPU_RECORD).is_file() else None)
+                cpu.append(recorded_cpu(run_dir) if reused else record_cpu(run_dir, _cpu_seconds() - cpu_start))
                 results[method].append(result := outcome(run_dir))
                 took = f"reused {run_dir}" if reused else f"{time.monotonic() - start:.0f}s"
                 print(f"seed {seed} {method}: {json.dumps(result)} ({took})", flush=True)
@@ -282,6 +280,18 @@ def main() -> None:
     if args.readme:
         write_readme(lines)
     print("\n".join(summary(results)))
+
+
+def record_cpu(run_dir: Path, seconds: float) -> float:
+    """Keep a run's CPU seconds beside it, for a later invocation that reuses the run; return them."""
+    (run_dir / CPU_RECORD).write_text(json.dumps({"cpu-seconds": seconds}))
+    return seconds
+
+
+def recorded_cpu(run_dir: Path) -> float | None:
+    """A reused run's CPU seconds, or None where it has no record of them."""
+    record = run_dir / CPU_RECORD
+    return json.loads(record.read_text())["cpu-seconds"] if record.is_file() else None
 
 
 def _cpu_seconds() -> float:
