@@ -65,15 +65,25 @@ def server_identity(monkeypatch) -> None:
 
 
 @pytest.fixture
-def round_state(tmp_path, events, server_identity):
-    """Round 1 of a run over two small tensors; 2 local steps of batch 4 (at most 8 frames); 1 eval batch (4 frames)."""
+def make_round_state(tmp_path, events, server_identity):
+    """Round 1 of a run over two small tensors; 2 local steps of batch 4 (at most 8 frames); 1 eval batch (4 frames);
+    the factory's keyword arguments override run-config keys."""
     from zk0.audit import AuditLog
     from zk0.config import RunConfig
     from zk0.rounds import RoundState
 
-    cfg = RunConfig.flat(transport_dtype="fp32", min_train_nodes=1, local_steps=2, batch_size=4, eval_batches=1)
-    return RoundState(cfg, {"a": torch.randn(3, 2), "b": torch.randn(4)}, "stats", "base", AuditLog(tmp_path),
-                      events.append, server_round=1)
+    def make(**keys):
+        cfg = RunConfig.flat(**{"transport_dtype": "fp32", "min_train_nodes": 1, "local_steps": 2, "batch_size": 4,
+                                "eval_batches": 1, **keys})
+        return RoundState(cfg, {"a": torch.randn(3, 2), "b": torch.randn(4)}, "stats", "base", AuditLog(tmp_path),
+                          events.append, server_round=1)
+    return make
+
+
+@pytest.fixture
+def round_state(make_round_state):
+    """Round 1 of a run over two small tensors, with ``make_round_state``'s defaults."""
+    return make_round_state()
 
 
 @pytest.fixture

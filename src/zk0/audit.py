@@ -4,7 +4,8 @@ One JSON object per line with the Flower ``run-id`` and the ``attempt`` that wro
 resumed run is attempt 2, 3, …: rounds a crashed attempt began appear once per attempt),
 ``round``, ``phase`` (query|train|evaluate), ``node``,
 ``direction`` (sent|received|missing), the payload's SHA-256 ``digest`` and ``bytes``
-where there is a payload, and for replies ``status`` (accepted|rejected) and ``reason``.
+where there is a payload, and for replies ``status`` (accepted|rejected) and ``reason``; an
+accepted train reply has its ``weight`` in the mean (``aggregation=mean``; robust rules ignore it).
 It answers, after the fact, which node got which weights and whose update was used. A train
 message that also asks for the evaluation of the model it carries (the previous round's) is
 marked ``evaluate-first``; the evaluation its reply carries is a received row of that previous
@@ -45,14 +46,17 @@ class AuditLog:
                      "direction": "sent", **_payload(message), **first})
 
     def received(self, server_round: int, phase: str, reply: Message, accepted: bool, reason: str = "",
-                 digest: str = "") -> None:
-        """A node's reply and whether the server used it; ``digest``: its payload's, if verification hashed it."""
+                 digest: str = "", weight: int | None = None) -> None:
+        """A node's reply and whether the server used it; ``digest``: its payload's, if verification hashed it;
+        ``weight``: an accepted update's weight in the mean."""
         record = {"round": server_round, "phase": phase, "node": reply.metadata.src_node_id,
                   "direction": "received", "status": "accepted" if accepted else "rejected"}
         if not reply.has_error():
             record |= _payload(reply, digest)
         if reason:
             record["reason"] = reason
+        if weight is not None:
+            record["weight"] = weight
         self._write(record)
 
     def missing(self, server_round: int, phase: str, node: int, timeout: float) -> None:

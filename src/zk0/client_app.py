@@ -239,7 +239,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"train-loss": result.loss, "proximal": result.proximal, "grad-norm": result.grad_norm,
                             "steps": result.steps, "lr": float(config["lr"]),
                             "proximal-mu": float(config["proximal-mu"]), "num-examples": result.frames,
-                            **clock.record()})
+                            "dataset-frames": len(rt.split.train), **clock.record()})
     payload = ConfigRecord({**seal, **about(rt), **holding(rt), **evaluation, "server-round": int(config["server-round"])})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "payload": payload, **records}), reply_to=msg)
 

@@ -19,6 +19,7 @@ from typing import Any
 STRATEGIES = ("fedprox", "fedavg")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum")  # how the server combines a round's updates (zk0.robust)
+AGGREGATION_WEIGHTS = ("frames", "dataset")  # an update's weight in the mean: frames it trained on, or its dataset's
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TRANSPORT_DTYPES = ("bf16", "fp32", "int8")
 DEVICES = ("auto", "cpu", "cuda")
@@ -54,6 +55,7 @@ class FederationConfig:
     server_beta2: float = 0.99
     server_tau: float = 1e-3
     aggregation: str = "mean"
+    aggregation_weight: str = "frames"
     trim_fraction: float = 0.25
     byzantine_clients: int = 1
 
@@ -66,6 +68,11 @@ class FederationConfig:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _choice("aggregation-weight", self.aggregation_weight, AGGREGATION_WEIGHTS)
+        if self.aggregation_weight != "frames" and self.aggregation != "mean":
+            raise ConfigError(f"run-config 'aggregation-weight' = {self.aggregation_weight} weights the mean, but "
+                              f"aggregation={self.aggregation} ignores weights; use aggregation=mean or "
+                              "aggregation-weight=frames")
         self._validate_robust()
         _fractions(server_momentum=self.server_momentum, server_beta2=self.server_beta2)
         _positive(server_lr=self.server_lr, server_tau=self.server_tau)
@@ -228,7 +235,7 @@ class DpConfig:
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"run-config 'dp-delta' must be in (0, 1), got {self.dp_delta}")
 
-    def fits(self, transport_dtype: str, aggregation: str) -> None:
+    def fits(self, transport_dtype: str, aggregation: str, aggregation_weight: str) -> None:
         """DP needs updates whose norm the clipping bounds, averaged with equal weight."""
         if self.dp == "none":
             return
@@ -238,6 +245,9 @@ class DpConfig:
         if aggregation != "mean":
             raise ConfigError(f"dp needs aggregation=mean: the noise is calibrated to the mean's sensitivity "
                               f"(dp-clip-norm / clients), not {aggregation}'s")
+        if aggregation_weight != "frames":
+            raise ConfigError("dp needs aggregation-weight=frames: the accounting assumes every client weighs the "
+                              "same in the mean, and a node claiming a large dataset would outweigh the others")
 
 
 GROUPS = {"federation": FederationConfig, "train": TrainConfig, "tuning": TuningConfig, "model": ModelConfig,
@@ -321,7 +331,8 @@ class RunConfig:
         """Check ranges and choices group by group; raise :class:`ConfigError` naming the first bad key."""
         for group in GROUPS:
             getattr(self, group).validate()
-        self.privacy.fits(self.transport.transport_dtype, self.federation.aggregation)
+        fed = self.federation
+        self.privacy.fits(self.transport.transport_dtype, fed.aggregation, fed.aggregation_weight)
 
 
 def _flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:

@@ -209,7 +209,8 @@ def report(server_round: int, phase: str, verdicts: list[Verdict], audit: AuditL
     """Audit every reply of ``phase``; log and report each refused one, with its reason as one line."""
     for verdict in verdicts:
         if verdict.accepted:
-            audit.received(server_round, phase, verdict.reply, accepted=True, digest=verdict.digest)
+            weight = verdict.value[1] if phase == "train" else None  # a train verdict holds (update, weight)
+            audit.received(server_round, phase, verdict.reply, accepted=True, digest=verdict.digest, weight=weight)
             continue
         node, reason = verdict.reply.metadata.src_node_id, one_line(verdict.reason)
         log(WARNING, "round %d: rejected %s reply from node %s: %s", server_round, phase, node, reason)

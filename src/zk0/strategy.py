@@ -8,8 +8,9 @@ Extends Flower's ``FedAvg`` where the earlier design fell short:
 * the server sends the global trainable tensors sealed in the transport dtype; clients answer
   with their *update* (trained minus received), so bf16 or int8 transport does not swallow
   small steps; :meth:`SmolVLAStrategy.aggregate_train` returns the updates' fp32 mean, weighted
-  by ``num-examples`` (or, with ``aggregation`` set, a robust rule's aggregate: :mod:`zk0.robust`),
-  and the round loop (:mod:`zk0.rounds`) adds it to the fp32 global tensors;
+  by the frames each trained on (``aggregation-weight=dataset``: its dataset's), or with
+  ``aggregation`` set, a robust rule's aggregate (:mod:`zk0.robust`), and the round loop
+  (:mod:`zk0.rounds`) adds it to the fp32 global tensors;
 * each reply is hashed once, when it is verified (the audit reuses that digest), and measured
   once (its norm, which is finite only if every value is); the mean is then accumulated in
   place, update by update, from the payloads' bytes into fp32 buffers the strategy keeps;
@@ -152,11 +153,27 @@ class SmolVLAStrategy(FedAvg):
                                    digest=str(reply.content["payload"]["payload-digest"]))
 
     def _sealed_payload(self, reply: Message, server_round: int) -> tuple[ArrayRecord, int]:
-        """A train reply's payload, verified against its seal, and its ``num-examples`` weight."""
-        weight = checked_reply(reply, self.cfg.train.local_steps * self.cfg.train.batch_size, server_round)
+        """A train reply's payload, verified against its seal, and its weight in the mean (:meth:`_weight`)."""
+        frames = checked_reply(reply, self.cfg.train.local_steps * self.cfg.train.batch_size, server_round)
         arrays = reply.content.array_records["arrays"]
         self.wire.verify(arrays, reply.content.config_records["payload"], transport.binding(self.run_id, server_round))
-        return arrays, weight
+        return arrays, self._weight(reply, frames)
+
+    def _weight(self, reply: Message, frames: int) -> int:
+        """An update's weight in the mean.
+
+        ``aggregation-weight=frames``: the frames it trained on this round, the same for every node
+        (each trains ``local-steps`` batches) and never more than its steps could use, so no node
+        outweighs another by its claim. ``dataset``: its training set's frames, as the node reports
+        them (``dataset-frames``), so a node with 4x the data counts 4x, as its frames would in pooled
+        training; the server cannot check that claim (bounded only by ``MAX_NODE_FRAMES``), so use it
+        among nodes you trust. ``dp=central``: 1 each (DP-FedAvg: no client moves the mean more than 1/n).
+        """
+        if self.cfg.privacy.dp == "central":
+            return 1
+        if self.cfg.federation.aggregation_weight == "dataset":
+            return num_examples(reply.content.metric_records["metrics"], MAX_NODE_FRAMES, key="dataset-frames")
+        return frames
 
     def _plausible_update(self, arrays: ArrayRecord) -> ArrayRecord:
         """The payload, unless its update is non-finite or larger than ``max-update-norm``."""
@@ -171,8 +188,7 @@ class SmolVLAStrategy(FedAvg):
     def aggregate_train(self, server_round: int, verdicts: list[Verdict[Update]]) -> dict[str, torch.Tensor]:
         """The accepted updates' fp32 aggregate (the clients' metrics are logged one by one, not averaged).
 
-        ``aggregation=mean``: their mean weighted by ``num-examples`` (``dp=central``: equal weights,
-        :mod:`zk0.privacy`), accumulated in place; a robust rule
+        ``aggregation=mean``: their mean, each weighted as :meth:`_weight` says, accumulated in place; a robust rule
         (:mod:`zk0.robust`) ignores the weights, as Flower's do. The aggregate's tensors are the strategy's
         own buffers, overwritten by the next call: apply them first.
         """
@@ -183,8 +199,6 @@ class SmolVLAStrategy(FedAvg):
         self.mean = self.mean or {name: torch.empty(shape) for name, shape in self.wire.shapes.items()}
         fed = self.cfg.federation
         if fed.aggregation == "mean":
-            if self.cfg.privacy.dp == "central":  # DP-FedAvg: equal weights, so no client moves it more than 1/n
-                updates = [(arrays, 1) for arrays, _ in updates]
             total = sum(weight for _, weight in updates)
             for i, (arrays, weight) in enumerate(updates):
                 transport.accumulate(self.mean, arrays, self.wire.dtype, weight / total, self.scratch, start=i == 0)
@@ -303,15 +317,15 @@ def _about(reply: Message, record: str) -> ConfigRecord:
     return about
 
 
-def num_examples(metrics: MetricRecord, limit: int) -> int:
-    """``num-examples`` as a whole number in ``1..limit``.
+def num_examples(metrics: MetricRecord, limit: int, key: str = "num-examples") -> int:
+    """A frame count (``num-examples``, or ``key``) as a whole number in ``1..limit``.
 
     It weights the mean: NaN or inf would turn the global model NaN, and a claim of more frames
     than the node's steps could use (``limit``) would let one node outweigh all the others.
     """
-    value = metrics.get("num-examples")
+    value = metrics.get(key)
     if not (_whole(value) and 0 < value <= limit):
-        raise transport.PayloadError(f"num-examples must be a whole number in 1..{limit}, got {value!r}")
+        raise transport.PayloadError(f"{key} must be a whole number in 1..{limit}, got {value!r}")
     return int(value)
 
 
