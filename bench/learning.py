@@ -105,12 +105,17 @@ def run_method(method: str, config: dict, out: Path, run_federation: Callable) -
 
 def finished_run(folder: Path, cfg: RunConfig) -> Path | None:
     """The newest run in ``folder`` (a method's ``--out`` folder) made with exactly this run config and finished
-    (its last round completed), so an interrupted or extended benchmark reruns only what is missing."""
+    (its last round completed), so an interrupted or extended benchmark reruns only what is missing.
+
+    Keys added to the run config since a run was made count as their defaults, as a resume does
+    (:meth:`zk0.checkpoint.ServerState.load`): a new key's default keeps what earlier runs computed.
+    """
+    from zk0.config import RunConfig
     from zk0.tools.compare import CompareError, load_run
 
-    wanted = cfg.to_run_config()
+    wanted, defaults = cfg.to_run_config(), RunConfig().to_run_config()
     for config in sorted(folder.glob("*/config.json"), reverse=True):
-        if json.loads(config.read_text()).get("run-config") != wanted:
+        if defaults | json.loads(config.read_text()).get("run-config", {}) != wanted:
             continue
         try:
             if load_run(config.parent).last_round == cfg.federation.num_server_rounds:

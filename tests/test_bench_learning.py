@@ -28,6 +28,16 @@ def test_a_finished_run_of_the_same_config_is_reused(tmp_path):
     assert learning.finished_run(tmp_path, cfg) == done
 
 
+def test_a_run_made_before_a_key_existed_counts_it_as_its_default(tmp_path):
+    cfg = RunConfig.flat(num_server_rounds=3)
+    done = make_run(tmp_path / "20261130-100000-fedavg-1", cfg, last_round=3)
+    saved = json.loads((done / "config.json").read_text())
+    del saved["run-config"]["aggregation-weight"]  # as a run saved before the key was added
+    (done / "config.json").write_text(json.dumps(saved))
+    assert learning.finished_run(tmp_path, cfg) == done
+    assert learning.finished_run(tmp_path, RunConfig.flat(num_server_rounds=3, aggregation_weight="dataset")) is None
+
+
 def test_an_unfinished_run_or_another_setting_is_run_again(tmp_path):
     cfg = RunConfig.flat(num_server_rounds=3, lr=1e-3)
     make_run(tmp_path / "20261130-100000-fedavg-1", cfg, last_round=2)  # killed in round 3
