@@ -49,6 +49,7 @@ FEDERATED = {  # name: run-config overrides of a federated setting
     "fedavgm": {"strategy": "fedavg", "server-optimizer": "fedavgm", "server-lr": 1.0, "server-momentum": 0.75,
                 "num-server-rounds": 300},  # 20x the rounds, 1/20 of the local steps each: the clients drift apart less
 }
+FEDERATED["fedavgm-dataset"] = {**FEDERATED["fedavgm"], "aggregation-weight": "dataset"}  # weighted as pooled data
 BASELINES = ("centralized", "local")
 SHARED = {  # the benchmark's settings, shared by every method
     "datasets": "benchmark", "model-name": "tiny", "batch-size": 16, "lr": 1e-3, "lr-schedule": "cosine",
@@ -107,15 +108,19 @@ def finished_run(folder: Path, cfg: RunConfig) -> Path | None:
     """The newest run in ``folder`` (a method's ``--out`` folder) made with exactly this run config and finished
     (its last round completed), so an interrupted or extended benchmark reruns only what is missing.
 
-    Keys added to the run config since a run was made count as their defaults, as a resume does
-    (:meth:`zk0.checkpoint.ServerState.load`): a new key's default keeps what earlier runs computed.
+    As a resume does (:meth:`zk0.checkpoint.ServerState.load`), keys added to the run config since a run was
+    made count as their defaults (a new key's default keeps what earlier runs computed), and keys that do not
+    change what a run computes (``RESUME_FREE_KEYS``: its output folder, say) are not compared.
     """
-    from zk0.config import RunConfig
+    from zk0.config import RESUME_FREE_KEYS, RunConfig
     from zk0.tools.compare import CompareError, load_run
 
-    wanted, defaults = cfg.to_run_config(), RunConfig().to_run_config()
+    def computed(run_config: dict) -> dict:
+        return {k: v for k, v in (RunConfig().to_run_config() | run_config).items() if k not in RESUME_FREE_KEYS}
+
+    wanted = computed(cfg.to_run_config())
     for config in sorted(folder.glob("*/config.json"), reverse=True):
-        if defaults | json.loads(config.read_text()).get("run-config", {}) != wanted:
+        if computed(json.loads(config.read_text()).get("run-config", {})) != wanted:
             continue
         try:
             if load_run(config.parent).last_round == cfg.federation.num_server_rounds:
@@ -177,7 +182,8 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace, cpu: list[fl
 
 
 def describe(config: dict, method: str) -> str:
-    """A method's settings in a table cell: what it trains on, its strategy and server optimizer, its rounds."""
+    """A method's settings in a table cell: what it trains on, its strategy, server optimizer and weights, its
+    rounds."""
     rounds = f"{config['num-server-rounds']} × {config['local-steps']}"
     if method in BASELINES:
         return f"{'pooled data' if method == 'centralized' else 'each client alone'}, {rounds}"
@@ -187,6 +193,8 @@ def describe(config: dict, method: str) -> str:
     if config.get("server-optimizer", "none") != "none":
         parts.append(f"server {config['server-optimizer']} lr {config['server-lr']} "
                      f"momentum {config['server-momentum']}")
+    if config.get("aggregation-weight", "frames") != "frames":
+        parts.append(f"weighted by {config['aggregation-weight']}")
     return f"{', '.join(parts)}, {rounds}"
 
 

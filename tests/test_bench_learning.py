@@ -38,6 +38,12 @@ def test_a_run_made_before_a_key_existed_counts_it_as_its_default(tmp_path):
     assert learning.finished_run(tmp_path, RunConfig.flat(num_server_rounds=3, aggregation_weight="dataset")) is None
 
 
+def test_a_run_moved_from_another_folder_is_reused(tmp_path):
+    made_in = RunConfig.flat(num_server_rounds=3, output_dir=str(tmp_path / "elsewhere"))
+    done = make_run(tmp_path / "20261130-100000-fedavg-1", made_in, last_round=3)
+    assert learning.finished_run(tmp_path, RunConfig.flat(num_server_rounds=3, output_dir=str(tmp_path))) == done
+
+
 def test_an_unfinished_run_or_another_setting_is_run_again(tmp_path):
     cfg = RunConfig.flat(num_server_rounds=3, lr=1e-3)
     make_run(tmp_path / "20261130-100000-fedavg-1", cfg, last_round=2)  # killed in round 3
