@@ -14,11 +14,12 @@ from zk0.model_card import model_card
 from zk0.policy import policy_config
 
 
-def run_folder(root: Path, mode: str | None = None) -> Path:
-    """Four registry clients, only two of which trained (one left after round 1); sim success measured."""
+def run_folder(root: Path, mode: str | None = None, **keys) -> Path:
+    """Four registry clients, only two of which trained (one left after round 1); sim success measured; ``keys``:
+    run-config overrides."""
     run = root / "run"
     run.mkdir()
-    config = RunConfig.flat(model_name="lerobot/smolvla_base", num_server_rounds=2, strategy="fedavg")
+    config = RunConfig.flat(model_name="lerobot/smolvla_base", num_server_rounds=2, strategy="fedavg", **keys)
     doc = {"run-config": config.to_run_config(), "base-fingerprint": "ab" * 32,
            "datasets": {"profile": "so101-hub",
                         "clients": [{"uri": u} for u in ("hf:alice/pick", "hf:bob/place", "local:/x", "hf:c/d")],
@@ -154,3 +155,13 @@ def test_a_federated_runs_card_holds_what_its_clients_datasets_hold(tmp_path_fac
             "held-out-episodes": len(held)}
         row = f"| {entry.name} | {meta.robot_type} | {meta.fps} | {task} | {len(train)} | {len(held)} | 1 (1) |"
         assert row in card
+
+
+@pytest.mark.parametrize("keys, said", [
+    ({}, "averaged, weighted by the frames each client trained on (no robust rule)"),
+    ({"aggregation_weight": "dataset"}, "weighted by each client's training-set frames as it reported them"),
+    ({"dp": "central"}, "averaged with equal weights (no robust rule)"),
+    ({"aggregation": "median"}, "combined by their coordinate-wise median, `aggregation=median`"),
+])
+def test_the_card_says_how_the_updates_were_weighted(tmp_path, features, keys, said):
+    assert said in model_card(run_folder(tmp_path, **keys), 2, features)

@@ -277,10 +277,16 @@ def _training(run_config: dict, config: dict, privacy: str) -> str:
 
 
 def _aggregation(run_config: dict, config: dict) -> str:
-    """How the server combined each round's updates (``aggregation``; a run from before it was a key: the mean)."""
+    """How the server combined each round's updates (``aggregation``, ``aggregation-weight``; a run from before
+    they were keys: the mean, weighted by frames)."""
     if config.get("mode") in ("centralized", "local"):
         return ""
     rule = run_config.get("aggregation", "mean")
+    if rule == "mean" and run_config.get("dp", "none") == "central":
+        return "each round's updates were averaged with equal weights (no robust rule); "
+    if rule == "mean" and run_config.get("aggregation-weight") == "dataset":
+        return ("each round's updates were averaged, weighted by each client's training-set frames as it reported "
+                "them (`aggregation-weight=dataset`; no robust rule); ")
     if rule == "mean":
         return "each round's updates were averaged, weighted by the frames each client trained on (no robust rule); "
     how = {"trimmed-mean": f"a coordinate-wise trimmed mean (`trim-fraction={run_config.get('trim-fraction')}`)",
