@@ -86,7 +86,8 @@ def num_clients(config: dict) -> int:
 def run_method(method: str, config: dict, out: Path, run_federation: Callable) -> tuple[Path, bool]:
     """One run of ``method``: its run folder, and whether a finished run of the same config was reused.
 
-    ``run_federation``: the tests' in-process federation (``tests/federation.py``).
+    ``run_federation``: the tests' in-process federation (``tests/federation.py``). Its run folder is found by
+    its config, not as the newest folder: two benchmarks (seeds in parallel) may share ``--out``.
     """
     from flwr.common.config import get_fused_config_from_dir
 
@@ -100,8 +101,10 @@ def run_method(method: str, config: dict, out: Path, run_federation: Callable) -
         from zk0.tools.baseline import run_baseline
 
         return run_baseline(cfg, method), False
-    run_dir, _ = run_federation(fused, num_nodes=num_clients(config))
-    return run_dir, False
+    run_federation(fused, num_nodes=num_clients(config))
+    if done := finished_run(out / method, cfg):  # by its config: another benchmark may be writing beside it
+        return done, False
+    sys.exit(f"error: the {method} run in {out / method} stopped before its last round; its zk0.log says why")
 
 
 def finished_run(folder: Path, cfg: RunConfig) -> Path | None:

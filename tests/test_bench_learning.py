@@ -72,3 +72,14 @@ def test_the_eight_client_variation_keeps_the_steps_equal():
     configs = {m: learning.settings(args, 42, m) for m in (*learning.BASELINES, *learning.FEDERATED)}
     assert {learning.optimizer_steps(c) for c in configs.values()} == {12 * 50 * 8}
     assert {c["min-train-nodes"] for c in configs.values()} == {8}
+
+
+def test_a_new_run_is_found_by_its_config_while_another_benchmark_writes_beside_it(tmp_path):
+    def federation(fused: dict, num_nodes: int):
+        mine = make_run(tmp_path / "fedavg" / "20261130-100000-fedavg-1", RunConfig.from_run_config(fused), 3)
+        other = make_run(tmp_path / "fedavg" / "20261130-100500-fedavg-1", RunConfig.flat(lr=2e-3), 0)
+        return other, mine  # the in-process helper answers with the newest folder: the other benchmark's
+
+    config = {"datasets": "embedded", "num-server-rounds": 3, "strategy": "fedavg"}
+    run_dir, reused = learning.run_method("fedavg", config, tmp_path, federation)
+    assert run_dir.name == "20261130-100000-fedavg-1" and not reused
