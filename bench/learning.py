@@ -165,13 +165,14 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace, cpu: list[fl
     used = settings(args, 0)
     cpu_minutes = sum(c for c in cpu if c is not None) / 60
     unknown = sum(c is None for c in cpu)
+    unrecorded = f" and {unknown} run{'s' if unknown > 1 else ''} of unrecorded CPU time" if unknown else ""
     clients = num_clients(used)
     lines = [f"Dataset profile `{used['datasets']}` ({clients} clients), model `{args.model}`, "
              f"{optimizer_steps(used)} optimizer steps of batch {used['batch-size']} per method "
              f"(rounds × local steps × {clients} clients), lr {used['lr']} {used['lr-schedule']}, "
              f"seeds {args.seeds}, "
              f"{used['sim-eval-episodes']} simulator episodes per task; medians (min–max); "
-             f"{cpu_minutes:.0f} CPU-minutes in all{f' and {unknown} runs of unrecorded CPU time' if unknown else ''} "
+             f"{cpu_minutes:.0f} CPU-minutes in all{unrecorded} "
              f"(`python bench/learning.py"
              f"{' ' + ' '.join(args.argv) if args.argv else ''}`).", "",
              "| method | settings (rounds × local steps) | sim success (client tasks) | held-out MAE (°) "
