@@ -20,8 +20,8 @@ Run: ``HF_HUB_OFFLINE=1 python bench/learning.py [--seeds 42,43,44] [--methods c
 [--readme]``. It ends with one line per method (``method=<name> success=<median> heldout_mae=<median>
 unseen_mae=<median>``), then ``fed_vs_central_success=<ratio>`` and ``fed_vs_central_mae=<ratio>`` for the
 best federated setting (highest median success, then lowest held-out MAE). ``--readme`` writes the table
-into README.md between its ``learning-table`` markers. With ``--out``, a finished run there of exactly the
-same run config is read instead of run again, so an interrupted benchmark, or one given another seed or
+into README.md between its ``learning-table`` markers. With ``--out``, a finished run there of the same
+run config (:func:`finished_run`) is read instead of run again, so an interrupted benchmark, or one given another seed or
 setting, reruns only what is missing (each run's CPU time is kept beside it, for the table).
 """
 
