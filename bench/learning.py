@@ -21,8 +21,8 @@ Run: ``HF_HUB_OFFLINE=1 python bench/learning.py [--seeds 42,43,44] [--methods c
 unseen_mae=<median>``), then ``fed_vs_central_success=<ratio>`` and ``fed_vs_central_mae=<ratio>`` for the
 best federated setting (highest median success, then lowest held-out MAE). ``--readme`` writes the table
 into README.md between its ``learning-table`` markers. With ``--out``, a finished run there of the same
-run config (:func:`finished_run`) is read instead of run again, so an interrupted benchmark, or one given another seed or
-setting, reruns only what is missing (each run's CPU time is kept beside it, for the table).
+run config (:func:`finished_run`) is read instead of run again, so an interrupted benchmark, or one given
+another seed or setting, reruns only what is missing (each run's CPU time is kept beside it, for the table).
 """
 
 from __future__ import annotations
@@ -111,19 +111,14 @@ def finished_run(folder: Path, cfg: RunConfig) -> Path | None:
     """The newest run in ``folder`` (a method's ``--out`` folder) made with exactly this run config and finished
     (its last round completed), so an interrupted or extended benchmark reruns only what is missing.
 
-    As a resume does (:meth:`zk0.checkpoint.ServerState.load`), keys added to the run config since a run was
-    made count as their defaults (a new key's default keeps what earlier runs computed), and keys that do not
-    change what a run computes (``RESUME_FREE_KEYS``: its output folder, say) are not compared.
+    The configs are compared as a resume compares them (:func:`zk0.checkpoint.changed_keys`): keys added since
+    a run was made count as their defaults, and keys that change nothing computed (its output folder) not at all.
     """
-    from zk0.config import RESUME_FREE_KEYS, RunConfig
+    from zk0.checkpoint import changed_keys
     from zk0.tools.compare import CompareError, load_run
 
-    def computed(run_config: dict) -> dict:
-        return {k: v for k, v in (RunConfig().to_run_config() | run_config).items() if k not in RESUME_FREE_KEYS}
-
-    wanted = computed(cfg.to_run_config())
     for config in sorted(folder.glob("*/config.json"), reverse=True):
-        if computed(json.loads(config.read_text()).get("run-config", {})) != wanted:
+        if changed_keys(json.loads(config.read_text()).get("run-config", {}), cfg):
             continue
         try:
             if load_run(config.parent).last_round == cfg.federation.num_server_rounds:

@@ -110,15 +110,20 @@ class ServerState:
     def load(cls, run: RunFolder, cfg: RunConfig, fingerprint: str) -> ServerState:
         """The saved state, refused when the run config or the frozen base changed since."""
         state = cls(**torch.load(run.root / STATE_FILE, weights_only=True))
-        now = cfg.to_run_config()
-        saved = RunConfig().to_run_config() | state.run_config  # keys added since the run was saved: defaults
-        changed = sorted(k for k in now if k not in RESUME_FREE_KEYS and now[k] != saved.get(k))
-        if changed:
+        if changed := changed_keys(state.run_config, cfg):
             raise ResumeError(f"cannot resume {run.root.name}: run-config {', '.join(changed)} differ from the "
                               "saved run; resume with the run's own config (zk0 run/simulate --resume does)")
         if fingerprint != state.fingerprint:
             raise ResumeError(f"cannot resume {run.root.name}: the frozen base differs from the saved run's")
         return state
+
+
+def changed_keys(saved: dict, cfg: RunConfig) -> list[str]:
+    """The run-config keys whose value in ``cfg`` differs from a saved run's config, in a way that changes what
+    the run computes: keys added since the run was saved count as their defaults, ``RESUME_FREE_KEYS`` not at
+    all (its output folder, say)."""
+    now, saved = cfg.to_run_config(), RunConfig().to_run_config() | saved
+    return sorted(k for k in now if k not in RESUME_FREE_KEYS and now[k] != saved.get(k))
 
 
 def versions() -> dict[str, str]:
