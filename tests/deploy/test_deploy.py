@@ -1,22 +1,17 @@
 """A real federation through the zk0 CLI: SuperLink with TLS and node authentication, SuperNodes
-with resident ClientApps (one on a dataset whose cameras are named otherwise), refused strangers,
-a node dying mid-round, a server killed and resumed.
+with resident ClientApps (one on a dataset whose cameras are named otherwise), refused strangers and
+outsiders, a run that fails. A node dying mid-round and a server killed and resumed: test_deploy_resume.py.
 
 Everything binds 127.0.0.1; every process is started and stopped through PID files.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import synthetic
-import torch
+from loopback import DATASETS, FAST, NAMES, RENAMED, ZK0, federation_up, zk0
 from waits import deadline, wait_for
 
 from zk0.deploy import commands, processes, server_folder
@@ -25,84 +20,13 @@ from zk0.registry import default_pyproject
 from zk0.tracking import read_metrics
 
 pytestmark = pytest.mark.e2e
-ZK0 = str(Path(sys.executable).parent / "zk0")
-# round-timeout: a generous deadline, not a guess (a loaded machine answers late); dead nodes are found by heartbeat
-FAST = "local-steps=2 batch-size=4 eval-batches=1 round-timeout=300 min-stats-clients=2"
-DATASETS = ["embedded:red-pick", "embedded:blue-pick-small", "embedded:green-place-left"]
-NAMES = ["alice", "bob", "carol"]
-RENAMED = "top-camera"  # node 1's dataset: cameras top and wrist; the policy's are front and wrist
-
-
-def zk0(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([ZK0, *args], capture_output=True, text=True, timeout=timeout)
-    assert not check or proc.returncode == 0, f"zk0 {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def child_pids(parent: int) -> list[int]:
-    """PIDs of the live children of ``parent``."""
-    return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat") if _stat(stat)[1:2] == [str(parent)]
-            and _stat(stat)[0] != "Z"]
-
-
-def _stat(path: Path) -> list[str]:
-    """State, ppid, pgid, … of a /proc/PID/stat ([] once the process is gone)."""
-    try:
-        return path.read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return []
-
-
-def alive(pid: int) -> bool:
-    return _stat(Path(f"/proc/{pid}/stat"))[:1] not in ([], ["Z"])
-
-
-class Federation:
-    """A server folder and client folders under one temporary directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.server = root, root / "server"
-        self.port = processes.free_port()
-        self.clients: list[Path] = []
-
-    def start_client(self, i: int, *extra: str, dataset: str = "", check: bool = True) -> subprocess.CompletedProcess:
-        folder = self.root / f"node{i}"
-        self.clients.append(folder)
-        return zk0("client", "start", "-d", str(folder), "--server", f"127.0.0.1:{self.port}", "--ca",
-                   str(self.server / "ca.crt"), "--dataset", dataset or DATASETS[i % len(DATASETS)], *extra,
-                   check=check)
-
-    def runs(self) -> list[Path]:
-        return sorted((self.server / "runs").glob("*")) if (self.server / "runs").exists() else []
-
-    def stop_all(self) -> None:
-        for folder in self.clients:
-            for name in ("clientapp", "supernode"):
-                processes.stop(folder, name)
-        processes.stop(self.server, "fleet-proxy")
-        processes.stop(self.server, "superlink")
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    """SuperLink (TLS + node auth) with three named, registered keys; nodes 0 and 1 online, node 1 on a local
-    dataset whose ``top`` camera feeds the policy's ``front`` through ``--camera``."""
-    fed = Federation(tmp_path_factory.mktemp("federation"))
-    renamed = synthetic.generate(synthetic.TASKS["blue-center"], fed.root / RENAMED, episodes=4, frames=20,
-                                 image_size=64, seed=7, cameras=("top", "wrist"))
-    try:
-        zk0("server", "init", str(fed.server), "--port", str(fed.port), "--control-port", str(processes.free_port()))
-        zk0("server", "start", "-d", str(fed.server))
-        for i in range(3):
-            zk0("client", "keygen", "-d", str(fed.root / f"node{i}"))
-            zk0("server", "add-node", str(fed.root / f"node{i}" / "node_key.pub"), "-d", str(fed.server),
-                "--name", NAMES[i])
-        assert "serves" in fed.start_client(0).stdout
-        started = fed.start_client(1, "--camera", "top=observation.images.front", dataset=f"local:{renamed}")
-        assert "observation.images.top -> observation.images.front" in started.stdout
+    """The loopback federation of :func:`loopback.federation_up`, shared by this file's tests."""
+    with federation_up(tmp_path_factory.mktemp("federation")) as fed:
         yield fed
-    finally:
-        fed.stop_all()
 
 
 def outsider_flwr(federation, home: Path, *args: str) -> str:
@@ -229,48 +153,3 @@ def test_insecure_is_explicit_and_warns(tmp_path):
         assert processes.running_pid(tmp_path / "node", "supernode") is None, "a node that cannot connect is stopped"
     finally:
         zk0("server", "stop", "-d", str(tmp_path / "srv"))
-
-
-def test_a_node_dies_mid_round_then_the_server_dies_and_the_run_resumes(federation):
-    """Three nodes: one dies in round 1 and the round finishes with the other two; the SuperLink is
-    killed after round 1 and `zk0 run --resume` finishes the run in the same folder."""
-    federation.start_client(2)
-    before = set(federation.runs())
-    zk0("run", "-d", str(federation.server), "--detach", "-c",
-        f"num-server-rounds=3 min-train-nodes=2 min-evaluate-nodes=2 {FAST}")
-    run_dir = wait_for(lambda: next(iter(set(federation.runs()) - before), None), "the run folder")
-    wait_for(lambda: any(a["phase"] == "train" and a["round"] == 1 for a in read_audit(run_dir)),
-             "round 1 training to start")
-    for name in ("clientapp", "supernode"):
-        assert processes.stop(federation.root / "node2", name, timeout=10)
-    wait_for(lambda: (run_dir / "server_state.pt").exists() and
-             any(r.get("event") == "round" and r["round"] == 1 for r in read_metrics(run_dir / "metrics.jsonl")),
-             "round 1 to complete")
-    serverapps = server_folder.serverapp_processes(server_folder.server_settings(federation.server))
-    assert any(b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in serverapps)
-    os.kill(processes.running_pid(federation.server, "superlink"), signal.SIGKILL)
-    refused = zk0("server", "start", "-d", str(federation.server), check=False)
-    assert refused.returncode == 1 and "`zk0 server stop -d" in refused.stderr
-    zk0("server", "stop", "-d", str(federation.server))
-    assert not [pid for pid in serverapps if alive(pid)], "no ServerApp outlives its killed SuperLink"
-    assert torch.load(run_dir / "server_state.pt", weights_only=True)["server_round"] < 3
-    zk0("server", "start", "-d", str(federation.server))  # same state database: the nodes stay registered
-    supervisor = processes.running_pid(federation.root / "node0", "clientapp")
-    (worker,) = [pid for pid in child_pids(supervisor)]
-    os.kill(worker, signal.SIGKILL)  # node 0's worker dies; its supervisor starts another
-    wait_for(lambda: [pid for pid in child_pids(supervisor) if pid != worker], "a restarted worker")
-    proc = zk0("run", "-d", str(federation.server), "--resume", str(run_dir), timeout=deadline())
-    assert "finished:completed" in proc.stdout
-    records = read_metrics(run_dir / "metrics.jsonl")
-    assert sorted(r["round"] for r in records if r.get("event") == "round") == [0, 1, 2, 3]
-    for server_round in (1, 2, 3):
-        assert len([r for r in records if r["source"] == "client" and r["round"] == server_round]) == 2
-    node0 = {r["node"] for r in records if r["source"] == "client" and r.get("dataset") == "red-pick"}
-    assert len(node0) == 1 and {r["round"] for r in records if r.get("node") in node0 and "train-loss" in r} == {
-        1, 2, 3}, "node 0 trains in the rounds after its worker was killed"
-    assert "was killed by SIGKILL" in (federation.root / "node0" / "logs" / "clientapp.log").read_text()
-    lost = [a for a in read_audit(run_dir) if a["round"] == 1 and a["phase"] == "train"
-            and a["direction"] in ("missing", "received") and a.get("status") != "accepted"]
-    assert len(lost) == 1, lost
-    assert len((run_dir / "flower-runs.txt").read_text().split()) == 2
-    assert json.loads((run_dir / "config.json").read_text())["run-config"]["num-server-rounds"] == 3
