@@ -54,7 +54,7 @@ def test_a_node_dies_mid_round_then_the_server_dies_and_the_run_resumes(federati
     assert torch.load(run_dir / "server_state.pt", weights_only=True)["server_round"] < 3
     zk0("server", "start", "-d", str(federation.server))  # same state database: the nodes stay registered
     supervisor = processes.running_pid(federation.root / "node0", "clientapp")
-    (worker,) = [pid for pid in child_pids(supervisor)]
+    (worker,) = child_pids(supervisor)
     os.kill(worker, signal.SIGKILL)  # node 0's worker dies; its supervisor starts another
     wait_for(lambda: [pid for pid in child_pids(supervisor) if pid != worker], "a restarted worker")
     proc = zk0("run", "-d", str(federation.server), "--resume", str(run_dir), timeout=deadline())

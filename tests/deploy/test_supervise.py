@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from loopback import alive
 from waits import deadline, wait_for
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -23,14 +24,6 @@ def supervise(log: Path, parent: int, *options: str, cmd: list[str] = SLEEPER) -
 
 def workers(log: Path) -> list[int]:
     return [int(pid) for pid in re.findall(r"started \(PID (\d+)\)", log.read_text())]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_a_killed_worker_is_restarted_and_sigterm_stops_both(tmp_path):
