@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from zk0.config_checks import ConfigError, at_least, choice, coerce, fractions, positive
 
 STRATEGIES = ("fedprox", "fedavg")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
@@ -25,15 +26,10 @@ TRANSPORT_DTYPES = ("bf16", "fp32", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 DP_MODES = ("none", "central", "local")  # differential privacy: off, noise added by the server, or by each client
 BASELINE_MODES = ("centralized", "local")
-MAX_INT = 10**9  # no count, seed or size of a run comes near this
 
 
 # Keys that may change when a run resumes: none of them changes what the run computes.
 RESUME_FREE_KEYS = ("resume-from", "output-dir", "round-timeout", "use-wandb", "num-workers")
-
-
-class ConfigError(ValueError):
-    """A run-config value that cannot be used; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -65,28 +61,28 @@ class FederationConfig:
         return self.proximal_mu if self.strategy == "fedprox" else 0.0
 
     def validate(self) -> None:
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
-        _choice("aggregation", self.aggregation, AGGREGATIONS)
-        _choice("aggregation-weight", self.aggregation_weight, AGGREGATION_WEIGHTS)
+        choice("strategy", self.strategy, STRATEGIES)
+        choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        choice("aggregation", self.aggregation, AGGREGATIONS)
+        choice("aggregation-weight", self.aggregation_weight, AGGREGATION_WEIGHTS)
         if self.aggregation_weight != "frames" and self.aggregation != "mean":
             raise ConfigError(f"run-config 'aggregation-weight' = {self.aggregation_weight} weights the mean, but "
                               f"aggregation={self.aggregation} ignores weights; use aggregation=mean or "
                               "aggregation-weight=frames")
         self._validate_robust()
-        _fractions(server_momentum=self.server_momentum, server_beta2=self.server_beta2)
-        _positive(server_lr=self.server_lr, server_tau=self.server_tau)
-        _at_least(1, num_server_rounds=self.num_server_rounds, min_stats_clients=self.min_stats_clients)
-        _at_least(0, proximal_mu=self.proximal_mu, min_train_nodes=self.min_train_nodes,
+        fractions(server_momentum=self.server_momentum, server_beta2=self.server_beta2)
+        positive(server_lr=self.server_lr, server_tau=self.server_tau)
+        at_least(1, num_server_rounds=self.num_server_rounds, min_stats_clients=self.min_stats_clients)
+        at_least(0, proximal_mu=self.proximal_mu, min_train_nodes=self.min_train_nodes,
                   min_evaluate_nodes=self.min_evaluate_nodes)
-        _fractions(fraction_train=self.fraction_train, fraction_evaluate=self.fraction_evaluate)
+        fractions(fraction_train=self.fraction_train, fraction_evaluate=self.fraction_evaluate)
         if self.round_timeout <= 0:
             raise ConfigError(f"run-config 'round-timeout' must be > 0 seconds, got {self.round_timeout}")
 
     def _validate_robust(self) -> None:
         """``trim-fraction`` in [0, 0.5) as Flower's ``trim_mean`` requires, and a trimmed mean that trims at all
         when it must withstand hostile clients (whether a round has enough updates is known only in the round)."""
-        _at_least(0, byzantine_clients=self.byzantine_clients)
+        at_least(0, byzantine_clients=self.byzantine_clients)
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"run-config 'trim-fraction' must be in [0, 0.5), got {self.trim_fraction}")
         if self.aggregation == "trimmed-mean" and self.byzantine_clients and not self.trim_fraction:
@@ -109,12 +105,12 @@ class TrainConfig:
     num_workers: int = 0
 
     def validate(self) -> None:
-        _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        _choice("device", self.device, DEVICES)
-        _at_least(1, local_steps=self.local_steps, batch_size=self.batch_size)
-        _at_least(0, lr=self.lr, grad_clip_norm=self.grad_clip_norm, warmup_rounds=self.warmup_rounds,
+        choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        choice("device", self.device, DEVICES)
+        at_least(1, local_steps=self.local_steps, batch_size=self.batch_size)
+        at_least(0, lr=self.lr, grad_clip_norm=self.grad_clip_norm, warmup_rounds=self.warmup_rounds,
                   num_workers=self.num_workers)
-        _fractions(lr_min_factor=self.lr_min_factor)
+        fractions(lr_min_factor=self.lr_min_factor)
 
 
 @dataclass(frozen=True)
@@ -131,13 +127,13 @@ class TuningConfig:
     lr_plateau_threshold: float = 0.01
 
     def validate(self) -> None:
-        _positive(mu_min=self.mu_min)
+        positive(mu_min=self.mu_min)
         if self.mu_max < self.mu_min:
             raise ConfigError(f"run-config 'mu-max' ({self.mu_max}) must be >= 'mu-min' ({self.mu_min})")
         if self.mu_factor <= 1:
             raise ConfigError(f"run-config 'mu-factor' must be > 1, got {self.mu_factor}")
-        _at_least(1, lr_plateau_patience=self.lr_plateau_patience)
-        _fractions(lr_plateau_threshold=self.lr_plateau_threshold)
+        at_least(1, lr_plateau_patience=self.lr_plateau_patience)
+        fractions(lr_plateau_threshold=self.lr_plateau_threshold)
         if not 0 < self.lr_plateau_factor < 1:
             raise ConfigError(f"run-config 'lr-plateau-factor' must be in (0, 1), got {self.lr_plateau_factor}")
 
@@ -150,7 +146,7 @@ class ModelConfig:
     chunk_size: int = 10
 
     def validate(self) -> None:
-        _at_least(1, chunk_size=self.chunk_size)
+        at_least(1, chunk_size=self.chunk_size)
         if not self.model_name:
             raise ConfigError("run-config 'model-name' is empty; use \"tiny\" or a hub id / local folder")
 
@@ -180,10 +176,10 @@ class EvalConfig:
     server_device: str = "auto"
 
     def validate(self) -> None:
-        _choice("server-device", self.server_device, DEVICES)
-        _at_least(1, eval_every=self.eval_every, eval_batches=self.eval_batches,
+        choice("server-device", self.server_device, DEVICES)
+        at_least(1, eval_every=self.eval_every, eval_batches=self.eval_batches,
                   sim_eval_episodes=self.sim_eval_episodes)
-        _at_least(0, sim_eval_every=self.sim_eval_every)
+        at_least(0, sim_eval_every=self.sim_eval_every)
 
 
 @dataclass(frozen=True)
@@ -194,8 +190,8 @@ class TransportConfig:
     max_update_norm: float = 1000.0
 
     def validate(self) -> None:
-        _choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
-        _at_least(0, max_update_norm=self.max_update_norm)
+        choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
+        at_least(0, max_update_norm=self.max_update_norm)
 
 
 @dataclass(frozen=True)
@@ -210,7 +206,7 @@ class TrackingConfig:
     resume_from: str = ""
 
     def validate(self) -> None:
-        _at_least(1, checkpoint_interval=self.checkpoint_interval)
+        at_least(1, checkpoint_interval=self.checkpoint_interval)
 
 
 @dataclass(frozen=True)
@@ -227,11 +223,11 @@ class DpConfig:
     dp_stats_bound: float = 180.0
 
     def validate(self) -> None:
-        _choice("dp", self.dp, DP_MODES)
-        _positive(dp_clip_norm=self.dp_clip_norm, dp_stats_bound=self.dp_stats_bound)
-        _at_least(0, dp_target_epsilon=self.dp_target_epsilon, dp_max_epsilon=self.dp_max_epsilon)
+        choice("dp", self.dp, DP_MODES)
+        positive(dp_clip_norm=self.dp_clip_norm, dp_stats_bound=self.dp_stats_bound)
+        at_least(0, dp_target_epsilon=self.dp_target_epsilon, dp_max_epsilon=self.dp_max_epsilon)
         if self.dp_target_epsilon == 0:
-            _positive(dp_noise_multiplier=self.dp_noise_multiplier)
+            positive(dp_noise_multiplier=self.dp_noise_multiplier)
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"run-config 'dp-delta' must be in (0, 1), got {self.dp_delta}")
 
@@ -284,7 +280,7 @@ class RunConfig:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
                 raise ConfigError(f"unknown run-config key {key!r}; {hint}")
-            values[key] = _coerce(key, raw, known[key][1].type)
+            values[key] = coerce(key, raw, known[key][1].type)
         return cls.flat(**{key.replace("-", "_"): value for key, value in values.items()})
 
     @classmethod
@@ -342,58 +338,6 @@ def _flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
     for group, kind in GROUPS.items():
         out.update({f.name.replace("_", "-"): (group, f) for f in fields(kind)})
     return out
-
-
-def _at_least(low: int, **values: float) -> None:
-    """Each value (named by its field) must be >= ``low``."""
-    for name, value in values.items():
-        if value < low:
-            raise ConfigError(f"run-config {name.replace('_', '-')!r} must be >= {low}, got {value}")
-
-
-def _fractions(**values: float) -> None:
-    """Each value (named by its field) must be in [0, 1]."""
-    for name, value in values.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"run-config {name.replace('_', '-')!r} must be in [0, 1], got {value}")
-
-
-def _positive(**values: float) -> None:
-    """Each value (named by its field) must be > 0."""
-    for name, value in values.items():
-        if value <= 0:
-            raise ConfigError(f"run-config {name.replace('_', '-')!r} must be > 0, got {value}")
-
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"run-config {key!r} must be one of {'|'.join(choices)}, got {value!r}")
-
-
-def _coerce(key: str, raw: Any, type_name: str) -> Any:
-    """Convert a TOML value to the field's type, refusing lossy or surprising conversions.
-
-    NaN and infinities are refused: ``max-update-norm=nan`` would silently turn a check off and
-    ``lr=nan`` would fail every client. Integers are bounded so a mistyped count cannot start a
-    run that never ends.
-    """
-    if type_name == "bool":
-        if isinstance(raw, bool):
-            return raw
-    elif type_name == "int":
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            if abs(raw) > MAX_INT:
-                raise ConfigError(f"run-config {key!r} is out of range: {raw} (at most {MAX_INT})")
-            return raw
-    elif type_name == "float":
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            if not math.isfinite(raw):
-                raise ConfigError(f"run-config {key!r} must be a finite number, got {raw}")
-            return float(raw)
-    elif type_name == "str":
-        if isinstance(raw, str):
-            return raw
-    raise ConfigError(f"run-config {key!r} must be {type_name}, got {raw!r} ({type(raw).__name__})")
 
 
 def resume_overrides(run_dir: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
