@@ -50,6 +50,10 @@ FEDERATED = {  # name: run-config overrides of a federated setting
                 "num-server-rounds": 300},  # 20x the rounds, 1/20 of the local steps each: the clients drift apart less
 }
 FEDERATED["fedavgm-dataset"] = {**FEDERATED["fedavgm"], "aggregation-weight": "dataset"}  # weighted as pooled data
+FEDERATED["fedsgd-adam"] = {  # one plain SGD step per client, Adam on the server: centralized Adam on their mean
+    "strategy": "fedavg", "client-optimizer": "sgd", "local-steps": 1, "server-optimizer": "fedadam",
+    "server-lr": 2e-3, "server-momentum": 0.9, "server-beta2": 0.95, "server-tau": 1e-11,  # the policy's Adam
+    "server-lr-follows-schedule": True}
 BASELINES = ("centralized", "local")
 SHARED = {  # the benchmark's settings, shared by every method
     "datasets": "benchmark", "model-name": "tiny", "batch-size": 16, "lr": 1e-3, "lr-schedule": "cosine",
@@ -64,10 +68,15 @@ def settings(args: argparse.Namespace, seed: int, method: str = "") -> dict:
     every client of the profile training and evaluating in every round; ``--set`` wins over the method's own.
 
     A method with its own ``num-server-rounds`` trains ``--rounds`` x ``--local-steps`` steps per client in
-    those rounds (more rounds, fewer local steps each), so every method's optimizer steps stay equal.
+    those rounds (more rounds, fewer local steps each), one with its own ``local-steps`` in as many rounds as
+    they take, so every method's optimizer steps stay equal.
     """
-    own = {"num-server-rounds": args.rounds, **FEDERATED.get(method, {})}
-    own = {**own, "local-steps": args.rounds * args.local_steps // own["num-server-rounds"], **json.loads(args.set)}
+    own, steps = FEDERATED.get(method, {}), args.rounds * args.local_steps
+    if "local-steps" in own:  # a method of so many local steps per round: as many rounds as that takes
+        own = {"num-server-rounds": steps // own["local-steps"], **own, **json.loads(args.set)}
+    else:
+        own = {"num-server-rounds": args.rounds, **own}
+        own = {**own, "local-steps": steps // own["num-server-rounds"], **json.loads(args.set)}
     rounds = own["num-server-rounds"]
     config = {**SHARED, "seed": seed, "eval-every": rounds, "sim-eval-every": rounds, "checkpoint-interval": rounds,
               "model-name": args.model, **own,
@@ -189,9 +198,13 @@ def describe(config: dict, method: str) -> str:
     parts = [config["strategy"]]
     if config["strategy"] == "fedprox" or config.get("adaptive-mu"):
         parts.append(f"mu {config['proximal-mu']}{' adaptive' if config.get('adaptive-mu') else ''}")
-    if config.get("server-optimizer", "none") != "none":
-        parts.append(f"server {config['server-optimizer']} lr {config['server-lr']} "
-                     f"momentum {config['server-momentum']}")
+    if config.get("client-optimizer", "adamw") != "adamw":
+        parts.append(f"clients {config['client-optimizer']}")
+    if (server := config.get("server-optimizer", "none")) != "none":
+        knobs = (f"momentum {config['server-momentum']}" if server == "fedavgm" else
+                 f"betas {config['server-momentum']}/{config['server-beta2']} tau {config['server-tau']:g}")
+        scheduled = " on the lr schedule" if config.get("server-lr-follows-schedule") else ""
+        parts.append(f"server {server} lr {config['server-lr']:g}{scheduled} {knobs}")
     if config.get("aggregation-weight", "frames") != "frames":
         parts.append(f"weighted by {config['aggregation-weight']}")
     return f"{', '.join(parts)}, {rounds}"

@@ -102,10 +102,17 @@ def test_bad_choice_names_key_and_choices(run_config):
 
 @pytest.mark.parametrize("key, value", [
     ("lr-schedule", "step"), ("transport-dtype", "fp16"), ("device", "tpu"), ("server-device", "gpu"),
+    ("client-optimizer", "adam"),
 ])
 def test_other_choices_validated(run_config, key, value):
     with pytest.raises(ConfigError, match=repr(key)):
         RunConfig.from_run_config(run_config(**{key: value}))
+
+
+def test_a_server_lr_schedule_needs_a_server_optimizer(run_config):
+    with pytest.raises(ConfigError, match="'server-lr-follows-schedule'.*server-optimizer=none"):
+        RunConfig.from_run_config(run_config(server_lr_follows_schedule=True))
+    assert RunConfig.from_run_config(run_config(server_lr_follows_schedule=True, server_optimizer="fedadam"))
 
 
 @pytest.mark.parametrize("key, value", [

@@ -88,6 +88,20 @@ def test_adam_moves_differently_from_plain_averaging():
 
 
 @pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi"])
+def test_an_lr_factor_scales_each_step_as_that_smaller_lr_would(name):
+    """server-lr-follows-schedule passes the round's factor: each round's step is that of lr x factor."""
+    scaled, master = ServerOptimizer(name, lr=0.2), start()
+    for server_round, (delta, factor) in enumerate(zip(deltas(), [1.0, 0.5, 0.25, 0.1]), start=1):
+        before, expected = scaled.state_dict(), {n: t.clone() for n, t in master.items()}
+        ServerOptimizer(name, lr=0.2 * factor, moments=before).step(expected, delta, server_round)
+        scaled.step(master, delta, server_round, factor)
+        for n in master:
+            assert torch.equal(master[n], expected[n]), (server_round, n)
+    plain = zk0_trajectory(ServerOptimizer(name, lr=0.2))[-1]
+    assert not np.allclose(master["a"].numpy(), plain["a"]), "the factors changed the trajectory"
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi"])
 def test_state_dict_resumes_bit_identically(name):
     """Two rounds, save, a fresh optimizer loads the state, two more rounds: the same bits as four in one go."""
     whole = zk0_trajectory(ServerOptimizer(name, lr=0.05))[-1]

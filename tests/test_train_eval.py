@@ -51,10 +51,10 @@ def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(((a[n] - b[n]) ** 2).sum()) for n in a))
 
 
-def train(policy, processors, split, *, steps=3, lr=1e-3, mu=0.0, clip=10.0, seed=0) -> TrainResult:
+def train(policy, processors, split, *, steps=3, lr=1e-3, mu=0.0, clip=10.0, seed=0, optimizer="adamw") -> TrainResult:
     torch.manual_seed(seed)
     return train_steps(policy, processors[0], data.batches(data.train_loader(split.train, BATCH), seed, {}), steps=steps, lr=lr,
-                       mu=mu, grad_clip_norm=clip)
+                       mu=mu, grad_clip_norm=clip, optimizer=optimizer)
 
 
 def held_out(split, limit=2):
@@ -133,6 +133,32 @@ def test_train_steps_updates_trainable_only(split, processors):
     assert math.isfinite(result.loss) and result.loss > 0
     assert math.isfinite(result.grad_norm) and result.grad_norm > 0
     assert result.proximal == 0.0  # mu = 0: plain FedAvg local training
+
+
+def test_sgd_steps_by_minus_lr_times_the_gradient(split, processors):
+    """client-optimizer=sgd: the update is linear in the gradient (what a server optimizer averaging the clients'
+    updates relies on); the same batch and noise give the gradient by hand."""
+    policy, seed = fresh_policy(), 5
+    before = snapshot(policy)
+    torch.manual_seed(seed)
+    raw = next(data.batches(data.train_loader(split.train, BATCH), seed, {}))
+    policy.train()
+    loss, _ = policy.forward(processors[0](raw))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainable_state(policy).items()}
+    policy.zero_grad(set_to_none=True)
+    train(policy, processors, split, steps=1, lr=0.5, clip=0.0, seed=seed, optimizer="sgd")
+    after = snapshot(policy)
+    for name, grad in grads.items():
+        assert torch.allclose(after[name] - before[name], -0.5 * grad, atol=1e-6), name
+    adamw = fresh_policy()
+    train(adamw, processors, split, steps=1, lr=0.5, clip=0.0, seed=seed)
+    assert distance(snapshot(adamw), after) > 0.1, "the default adamw steps differently"
+
+
+def test_unknown_client_optimizer_is_refused(split, processors):
+    with pytest.raises(ValueError, match="client-optimizer"):
+        train(fresh_policy(), processors, split, steps=1, optimizer="lion")
 
 
 def test_train_steps_deterministic(split, processors):

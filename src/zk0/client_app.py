@@ -230,7 +230,8 @@ def train(msg: Message, context: Context) -> Message:
     stream = batches(rt.loader, round_seed, rt.split.entry.cameras)
     with clock.part("train"):
         result = train_steps(rt.policy, pre, stream, steps=rt.cfg.train.local_steps, lr=float(config["lr"]),
-                             mu=float(config["proximal-mu"]), grad_clip_norm=rt.cfg.train.grad_clip_norm)
+                             mu=float(config["proximal-mu"]), grad_clip_norm=rt.cfg.train.grad_clip_norm,
+                             optimizer=rt.cfg.train.client_optimizer)
     with clock.part("codec"):
         update = {n: p.detach().cpu().float() - weights[n] for n, p in trainable_state(rt.policy).items()}
         privatize_update(update, rt.cfg)  # dp runs: clipped to dp-clip-norm (dp=local: and noised)

@@ -19,6 +19,7 @@ from zk0.config_checks import ConfigError, at_least, choice, coerce, fractions, 
 
 STRATEGIES = ("fedprox", "fedavg")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
+CLIENT_OPTIMIZERS = ("adamw", "sgd")  # local training: the policy preset's AdamW, or plain SGD
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum")  # how the server combines a round's updates (zk0.robust)
 AGGREGATION_WEIGHTS = ("frames", "dataset")  # an update's weight in the mean: frames it trained on, or its dataset's
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -50,6 +51,7 @@ class FederationConfig:
     server_momentum: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    server_lr_follows_schedule: bool = False
     aggregation: str = "mean"
     aggregation_weight: str = "frames"
     trim_fraction: float = 0.25
@@ -70,6 +72,9 @@ class FederationConfig:
                               f"aggregation={self.aggregation} ignores weights; use aggregation=mean or "
                               "aggregation-weight=frames")
         self._validate_robust()
+        if self.server_lr_follows_schedule and self.server_optimizer == "none":
+            raise ConfigError("run-config 'server-lr-follows-schedule' scales the server optimizer's step, but "
+                              "server-optimizer=none has none; set server-optimizer (fedadam, fedyogi, fedavgm)")
         fractions(server_momentum=self.server_momentum, server_beta2=self.server_beta2)
         positive(server_lr=self.server_lr, server_tau=self.server_tau)
         at_least(1, num_server_rounds=self.num_server_rounds, min_stats_clients=self.min_stats_clients)
@@ -97,6 +102,7 @@ class TrainConfig:
     local_steps: int = 20
     batch_size: int = 8
     lr: float = 1e-3
+    client_optimizer: str = "adamw"
     lr_schedule: str = "cosine"
     lr_min_factor: float = 0.1
     warmup_rounds: int = 0
@@ -105,6 +111,7 @@ class TrainConfig:
     num_workers: int = 0
 
     def validate(self) -> None:
+        choice("client-optimizer", self.client_optimizer, CLIENT_OPTIMIZERS)
         choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         choice("device", self.device, DEVICES)
         at_least(1, local_steps=self.local_steps, batch_size=self.batch_size)

@@ -264,8 +264,9 @@ def _io(policy_config: Any, run_config: dict) -> str:
 
 
 def _training(run_config: dict, config: dict, privacy: str) -> str:
-    keys = ("strategy", "proximal-mu", "num-server-rounds", "local-steps", "batch-size", "lr", "lr-schedule",
-            "lr-min-factor", "warmup-rounds", "grad-clip-norm", "chunk-size", "seed")
+    keys = ("strategy", "proximal-mu", "num-server-rounds", "local-steps", "batch-size", "client-optimizer", "lr",
+            "lr-schedule", "lr-min-factor", "warmup-rounds", "grad-clip-norm", "server-optimizer", "server-lr",
+            "server-lr-follows-schedule", "chunk-size", "seed")
     hyper = "\n".join(f"| `{k}` | `{run_config[k]}` |" for k in keys if k in run_config)
     return ("## Training\n| key | value |\n|---|---|\n" + hyper
             + f"\n\nWhat travelled: {run_config['transport-dtype']} trainable tensors (the frozen vision-language "

@@ -41,7 +41,7 @@ from zk0.reasons import one_line
 from zk0.report import progress_line
 from zk0.server_optimizer import ServerOptimizer
 from zk0.stopwatch import Stopwatch
-from zk0.strategy import Verdict, round_lr
+from zk0.strategy import Verdict, round_lr, schedule_factor
 from zk0.tracking import Tracker
 from zk0.tuning import Tuning
 
@@ -172,10 +172,17 @@ class RoundState:
         through the server optimizer; in a dp run, once released (central DP's noise added, ε logged)."""
         if self.privacy.enabled:
             self.on_event(self.privacy.release(update, contributors, self.server_round))
-        self.optimizer.step(self.master, dict(update), self.server_round)
+        self.optimizer.step(self.master, dict(update), self.server_round, self.server_lr_factor())
         self.sealed_master = None
         if self.chain:
             self.chain.moved()
+
+    def server_lr_factor(self) -> float:
+        """What the server optimizer's lr is scaled by this round: the clients' lr schedule and tuning factor with
+        ``server-lr-follows-schedule``, else 1."""
+        if not self.cfg.federation.server_lr_follows_schedule:
+            return 1.0
+        return schedule_factor(self.cfg, self.server_round) * self.tuning.lr_factor
 
     def clock(self, server_round: int) -> Stopwatch:
         """The seconds the loop spends on each part of ``server_round``."""

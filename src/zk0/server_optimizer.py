@@ -10,6 +10,10 @@ pseudo-gradient step and feeds it to a server optimizer instead:
   ``w += eta_t m / (sqrt(v) + tau)`` with Flower's bias correction ``eta_t``;
 * ``fedyogi``: as Adam, but ``v -= (1 - beta_2) delta^2 sign(v - delta^2)``, no bias correction.
 
+A normalised step (FedAdam, FedYogi) keeps its size while the clients' lr decays, so with
+``server-lr-follows-schedule`` the server's lr is scaled by the run's lr schedule too (the lr of a centralized
+Adam that the server's Adam stands in for when clients send one plain SGD step each).
+
 The arithmetic is Flower's own (``flwr.serverapp.strategy.FedAvgM/FedAdam/FedYogi``), done in
 place on torch tensors over the update-delta design (Flower's strategies average weights, not
 updates, and keep their state inside the strategy object). The moments live here, and
@@ -43,16 +47,18 @@ class ServerOptimizer:
         if self.name not in SERVER_OPTIMIZERS:
             raise ValueError(f"server-optimizer must be one of {SERVER_OPTIMIZERS}, got {self.name!r}")
 
-    def step(self, master: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], server_round: int) -> None:
-        """Move ``master`` (in place) by the round's averaged client ``delta``."""
+    def step(self, master: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], server_round: int,
+             lr_factor: float = 1.0) -> None:
+        """Move ``master`` (in place) by the round's averaged client ``delta``; the step size is ``lr`` times
+        ``lr_factor`` (the run's lr schedule in this round, with ``server-lr-follows-schedule``)."""
         if self.name == "none":
             torch._foreach_add_(_values(master, delta), list(delta.values()))
         elif self.name == "fedavgm":
-            self._momentum(master, delta)
+            self._momentum(master, delta, self.lr * lr_factor)
         else:
-            self._adaptive(master, delta, server_round)
+            self._adaptive(master, delta, server_round, self.lr * lr_factor)
 
-    def _momentum(self, master: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> None:
+    def _momentum(self, master: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], lr: float) -> None:
         """FedAvgM: the first round's velocity is the delta itself, as in Flower."""
         velocity = self.moments.get("v")
         if velocity is None:
@@ -61,9 +67,10 @@ class ServerOptimizer:
             v = _values(velocity, delta)
             torch._foreach_mul_(v, self.beta_1)
             torch._foreach_add_(v, list(delta.values()))
-        torch._foreach_add_(_values(master, delta), _values(velocity, delta), alpha=self.lr)
+        torch._foreach_add_(_values(master, delta), _values(velocity, delta), alpha=lr)
 
-    def _adaptive(self, master: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], server_round: int) -> None:
+    def _adaptive(self, master: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], server_round: int,
+                  lr: float) -> None:
         """FedAdam / FedYogi: first and second moments of the delta, then a normalised step."""
         if "m" not in self.moments:  # zeros made once: a setdefault would build two models' worth every round
             self.moments.update({kind: {n: torch.zeros_like(d) for n, d in delta.items()} for kind in ("m", "v")})
@@ -75,7 +82,7 @@ class ServerOptimizer:
                 v[name].mul_(self.beta_2).add_(square, alpha=1 - self.beta_2)
             else:
                 v[name].sub_(square * torch.sign(v[name] - square), alpha=1 - self.beta_2)
-        eta = self.lr
+        eta = lr
         if self.name == "fedadam":  # Flower's bias correction, exponent server_round + 1
             eta *= math.sqrt(1 - self.beta_2 ** (server_round + 1.0)) / (1 - self.beta_1 ** (server_round + 1.0))
         for name in delta:

@@ -57,17 +57,23 @@ Update = tuple[ArrayRecord, int]  # a train reply's verified payload and its num
 
 
 def round_lr(cfg: RunConfig, server_round: int) -> float:
-    """Learning rate of ``server_round`` (1-based): optional linear warm-up, then the schedule."""
+    """Learning rate of ``server_round`` (1-based): ``lr`` times the schedule's factor."""
+    return cfg.train.lr * schedule_factor(cfg, server_round)
+
+
+def schedule_factor(cfg: RunConfig, server_round: int) -> float:
+    """The lr schedule's factor in ``server_round`` (1-based): optional linear warm-up to 1, then the schedule
+    down to ``lr-min-factor``. Also what a server step scales by with ``server-lr-follows-schedule``."""
     if server_round <= cfg.train.warmup_rounds:
-        return cfg.train.lr * server_round / (cfg.train.warmup_rounds + 1)
-    floor = cfg.train.lr * cfg.train.lr_min_factor
+        return server_round / (cfg.train.warmup_rounds + 1)
+    floor = cfg.train.lr_min_factor
     span = max(1, cfg.federation.num_server_rounds - cfg.train.warmup_rounds - 1)
     progress = min(1.0, (server_round - cfg.train.warmup_rounds - 1) / span)
     if cfg.train.lr_schedule == "cosine":
-        return floor + (cfg.train.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.train.lr_schedule == "linear":
-        return cfg.train.lr - (cfg.train.lr - floor) * progress
-    return cfg.train.lr
+        return 1.0 - (1.0 - floor) * progress
+    return 1.0
 
 
 class RoundFailed(RuntimeError):

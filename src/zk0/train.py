@@ -1,6 +1,6 @@
 """Local training: a number of optimizer steps with the FedProx proximal gradient and grad clipping.
 
-Shared by the federated clients and (later) the centralized and local-only baselines, so
+Shared by the federated clients and the centralized and local-only baselines, so
 every mode trains the same way. ``mu = 0`` is plain FedAvg local training.
 """
 
@@ -45,13 +45,16 @@ def add_proximal_grad(params: dict[str, torch.Tensor], anchor: dict[str, torch.T
 
 
 def train_steps(policy, preprocessor, batches: Iterator[dict], *, steps: int, lr: float, mu: float,
-                grad_clip_norm: float) -> TrainResult:
-    """Run ``steps`` optimizer steps on ``batches``; the anchor for the proximal term is the start point."""
+                grad_clip_norm: float, optimizer: str = "adamw") -> TrainResult:
+    """Run ``steps`` optimizer steps on ``batches``; the anchor for the proximal term is the start point.
+
+    ``optimizer`` (``client-optimizer``) is built afresh for the call: ``adamw`` with the policy preset's betas,
+    eps and weight decay, or ``sgd``, plain steps of ``-lr`` x the (clipped) gradient, whose update is linear
+    in the gradients, so that a server optimizer averaging several clients' updates sees their mean gradient.
+    """
     params = trainable_state(policy)
     anchor = {n: p.detach().clone() for n, p in params.items()}
-    cfg = policy.config
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, betas=cfg.optimizer_betas,
-                                  eps=cfg.optimizer_eps, weight_decay=cfg.optimizer_weight_decay)
+    step = _optimizer(policy, list(params.values()), optimizer, lr)
     device = next(policy.parameters()).device
     policy.train()
     sums = {"loss": 0.0, "proximal": 0.0, "grad_norm": 0.0}
@@ -65,9 +68,20 @@ def train_steps(policy, preprocessor, batches: Iterator[dict], *, steps: int, lr
         prox = add_proximal_grad(params, anchor, mu) if mu > 0 else 0.0
         norm = torch.nn.utils.clip_grad_norm_(list(params.values()),
                                               grad_clip_norm if grad_clip_norm > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step.step()
+        step.zero_grad(set_to_none=True)
         sums["loss"] += loss.item()
         sums["proximal"] += prox
         sums["grad_norm"] += norm.item()
     return TrainResult(steps=steps, frames=frames, **{k: v / steps for k, v in sums.items()})
+
+
+def _optimizer(policy, params: list[torch.Tensor], name: str, lr: float) -> torch.optim.Optimizer:
+    """A fresh local optimizer of kind ``name`` over ``params``."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adamw":
+        cfg = policy.config
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.optimizer_betas, eps=cfg.optimizer_eps,
+                                 weight_decay=cfg.optimizer_weight_decay)
+    raise ValueError(f"client-optimizer must be adamw or sgd, got {name!r}")

@@ -192,7 +192,8 @@ class Baseline(RoundEnd):
             torch.manual_seed(seed)  # flow-matching noise
             result = train_steps(self.policy, learner.pre, batches(learner.loader, seed, learner.cameras),
                                  steps=self.steps_per_round(), lr=lr, mu=0.0,
-                                 grad_clip_norm=self.cfg.train.grad_clip_norm)
+                                 grad_clip_norm=self.cfg.train.grad_clip_norm,
+                                 optimizer=self.cfg.train.client_optimizer)
             learner.weights = {n: p.detach().clone() for n, p in trainable_state(self.policy).items()}
             self.tracker.log({"round": server_round, "source": "client", "partition": learner.partition,
                               "dataset": learner.dataset, "train-loss": result.loss, "proximal": result.proximal,
