@@ -73,11 +73,8 @@ def settings(args: argparse.Namespace, seed: int, method: str = "") -> dict:
     they take, so every method's optimizer steps stay equal.
     """
     own, steps = FEDERATED.get(method, {}), args.rounds * args.local_steps
-    if "local-steps" in own:  # a method of so many local steps per round: as many rounds as that takes
-        own = {"num-server-rounds": steps // own["local-steps"], **own, **json.loads(args.set)}
-    else:
-        own = {"num-server-rounds": args.rounds, **own}
-        own = {**own, "local-steps": steps // own["num-server-rounds"], **json.loads(args.set)}
+    rounds = steps // own["local-steps"] if "local-steps" in own else own.get("num-server-rounds", args.rounds)
+    own = {"num-server-rounds": rounds, "local-steps": steps // rounds, **own, **json.loads(args.set)}
     rounds = own["num-server-rounds"]
     config = {**SHARED, "seed": seed, "eval-every": rounds, "sim-eval-every": rounds, "checkpoint-interval": rounds,
               "model-name": args.model, **own,

@@ -41,7 +41,7 @@ from zk0.reasons import one_line
 from zk0.report import progress_line
 from zk0.server_optimizer import ServerOptimizer
 from zk0.stopwatch import Stopwatch
-from zk0.strategy import Verdict, round_lr, schedule_factor
+from zk0.strategy import Verdict, schedule_factor
 from zk0.tracking import Tracker
 from zk0.tuning import Tuning
 
@@ -110,8 +110,7 @@ class RoundState:
 
     def train_config(self) -> ConfigRecord:
         """What this round's train messages tell clients to use: the scheduled lr times the tuning's factor, and mu."""
-        return ConfigRecord({"lr": round_lr(self.cfg, self.server_round) * self.tuning.lr_factor,
-                             "proximal-mu": self.tuning.mu})
+        return ConfigRecord({"lr": self.cfg.train.lr * self.lr_factor(), "proximal-mu": self.tuning.mu})
 
     def tune(self, summary: Mapping[str, float]) -> None:
         """After an evaluated round: adaptive mu and the plateau lr react to the clients' mean held-out loss."""
@@ -172,16 +171,15 @@ class RoundState:
         through the server optimizer; in a dp run, once released (central DP's noise added, ε logged)."""
         if self.privacy.enabled:
             self.on_event(self.privacy.release(update, contributors, self.server_round))
-        self.optimizer.step(self.master, dict(update), self.server_round, self.server_lr_factor())
+        factor = self.lr_factor() if self.cfg.federation.server_lr_follows_schedule else 1.0
+        self.optimizer.step(self.master, dict(update), self.server_round, factor)
         self.sealed_master = None
         if self.chain:
             self.chain.moved()
 
-    def server_lr_factor(self) -> float:
-        """What the server optimizer's lr is scaled by this round: the clients' lr schedule and tuning factor with
-        ``server-lr-follows-schedule``, else 1."""
-        if not self.cfg.federation.server_lr_follows_schedule:
-            return 1.0
+    def lr_factor(self) -> float:
+        """This round's lr schedule times the tuning's factor: what scales the clients' ``lr`` and, with
+        ``server-lr-follows-schedule``, the server optimizer's."""
         return schedule_factor(self.cfg, self.server_round) * self.tuning.lr_factor
 
     def clock(self, server_round: int) -> Stopwatch:

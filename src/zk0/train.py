@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zk0.config import CLIENT_OPTIMIZERS
 from zk0.policy import trainable_state
 
 
@@ -84,4 +85,4 @@ def _optimizer(policy, params: list[torch.Tensor], name: str, lr: float) -> torc
         cfg = policy.config
         return torch.optim.AdamW(params, lr=lr, betas=cfg.optimizer_betas, eps=cfg.optimizer_eps,
                                  weight_decay=cfg.optimizer_weight_decay)
-    raise ValueError(f"client-optimizer must be adamw or sgd, got {name!r}")
+    raise ValueError(f"client-optimizer must be one of {CLIENT_OPTIMIZERS}, got {name!r}")
