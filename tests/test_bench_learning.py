@@ -74,6 +74,17 @@ def test_the_eight_client_variation_keeps_the_steps_equal():
     assert {c["min-train-nodes"] for c in configs.values()} == {8}
 
 
+def test_a_method_of_one_local_step_warms_up_over_the_baselines_steps():
+    for rounds, local_steps in ((15, 100), (12, 50)):
+        args = argparse.Namespace(rounds=rounds, local_steps=local_steps, model="tiny", set="{}")
+        central, fedsgd = (learning.settings(args, 42, m) for m in ("centralized", "fedsgd-adam"))
+        assert central["warmup-rounds"] * central["local-steps"] == fedsgd["warmup-rounds"] * fedsgd["local-steps"]
+        assert fedsgd["warmup-rounds"] == local_steps  # one step a round
+    assert learning.settings(args, 42, "fedavgm")["warmup-rounds"] == 1  # its own rounds: the shared warm-up
+    args.set = '{"warmup-rounds": 3}'
+    assert learning.settings(args, 42, "fedsgd-adam")["warmup-rounds"] == 3  # --set wins
+
+
 def test_a_new_run_is_found_by_its_config_while_another_benchmark_writes_beside_it(tmp_path):
     def federation(fused: dict, num_nodes: int):
         mine = make_run(tmp_path / "fedavg" / "20261130-100000-fedavg-1", RunConfig.from_run_config(fused), 3)
