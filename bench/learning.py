@@ -55,6 +55,7 @@ FEDERATED["fedsgd-adam"] = {  # one plain SGD step per client, Adam on the serve
     "server-lr": 4e-3,  # the clients' mean is a batch 4x centralized's: 4x its lr (seed 42: 2e-3, 8e-3 did worse)
     "server-momentum": 0.9, "server-beta2": 0.95, "server-tau": 1e-11,  # the policy's AdamW betas; eps x lr
     "server-lr-follows-schedule": True}
+FEDERATED["fedsgd-adam-dataset"] = {**FEDERATED["fedsgd-adam"], "aggregation-weight": "dataset"}  # pooled gradient
 BASELINES = ("centralized", "local")
 SHARED = {  # the benchmark's settings, shared by every method
     "datasets": "benchmark", "model-name": "tiny", "batch-size": 16, "lr": 1e-3, "lr-schedule": "cosine",
