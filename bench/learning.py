@@ -209,6 +209,8 @@ def describe(config: dict, method: str) -> str:
         parts.append(f"server {server} lr {config['server-lr']:g}{scheduled} {knobs}")
     if config.get("aggregation-weight", "frames") != "frames":
         parts.append(f"weighted by {config['aggregation-weight']}")
+    if config["warmup-rounds"] != SHARED["warmup-rounds"]:
+        parts.append(f"warm-up {config['warmup-rounds']} rounds")
     return f"{', '.join(parts)}, {rounds}"
 
 
