@@ -75,9 +75,11 @@ def settings(args: argparse.Namespace, seed: int, method: str = "") -> dict:
     as the baselines do (``fedsgd-adam``: 100 rounds of one step, as their one round of 100).
     """
     own, steps = FEDERATED.get(method, {}), args.rounds * args.local_steps
-    rounds = steps // own["local-steps"] if "local-steps" in own else own.get("num-server-rounds", args.rounds)
     if "local-steps" in own:  # fedsgd-adam, seeds 42 / 43: 0.475 / 0.55 success with 1 warm-up round, 0.55 / 0.625
+        rounds = steps // own["local-steps"]
         own = {"warmup-rounds": SHARED["warmup-rounds"] * args.local_steps // own["local-steps"], **own}
+    else:
+        rounds = own.get("num-server-rounds", args.rounds)
     own = {"num-server-rounds": rounds, "local-steps": steps // rounds, **own, **json.loads(args.set)}
     rounds = own["num-server-rounds"]
     config = {**SHARED, "seed": seed, "eval-every": rounds, "sim-eval-every": rounds, "checkpoint-interval": rounds,
